@@ -1,0 +1,383 @@
+"""params.yaml -> typed, validated dataclasses.
+
+Every stage reads only its own section. Validation happens before any expensive work and fails
+with one line naming the offending key (``ParamError``), which the CLI turns into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamError(ValueError):
+    """A bad value in params.yaml; the message starts with the dotted key."""
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ParamError(f"{key}: {value!r} is not one of: {choices}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _check_value(key, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_check_value(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads 1e-3 as a string; accept it the way a user means it.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParamError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls, raw: Any, prefix: str):
+    """Build dataclass ``cls`` from ``raw`` dict, naming ``prefix.key`` in every error."""
+    if not isinstance(raw, dict):
+        raise ParamError(f"{prefix}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamError(f"{prefix}.{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamError(f"{key}: missing required key")
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, raw[name], key)
+        else:
+            kwargs[name] = _check_value(key, raw[name], tp)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check:
+        check(prefix)
+    return obj
+
+
+def positive(prefix: str, obj, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ParamError(f"{prefix}.{n}: must be > 0, got {getattr(obj, n)!r}")
+
+
+def in_range(prefix: str, obj, name: str, lo: float, hi: float) -> None:
+    v = getattr(obj, name)
+    if not lo <= v <= hi:
+        raise ParamError(f"{prefix}.{name}: must be in [{lo}, {hi}], got {v!r}")
+
+
+# ---------------------------------------------------------------- data / split / features
+
+
+@dataclass
+class ShapesConfig:
+    n_images: int = 1800
+    image_size: int = 128
+    seed: int = 0
+
+    def check(self, p):
+        positive(p, self, "n_images", "image_size")
+
+
+@dataclass
+class DataConfig:
+    name: Literal["shapes", "flickr8k"]
+    root: str | None = None
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+    def check(self, p):
+        if self.name != "shapes":
+            if not self.root:
+                raise ParamError(f"{p}.root: required for data.name={self.name} (folder with the original layout)")
+            if not Path(self.root).is_dir():
+                raise ParamError(f"{p}.root: folder {self.root!r} does not exist")
+
+
+@dataclass
+class SplitConfig:
+    seed: int = 0
+    val_size: int = 150
+    test_size: int = 300
+
+    def check(self, p):
+        positive(p, self, "val_size", "test_size")
+
+
+@dataclass
+class FeaturesConfig:
+    backbones: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    image_size: int = 128
+    batch_size: int = 64
+
+    def check(self, p):
+        positive(p, self, "image_size", "batch_size")
+        from .models.registry import check_image_encoder
+
+        for i, b in enumerate(self.backbones):
+            check_image_encoder(f"{p}.backbones[{i}]", b)
+
+
+# ---------------------------------------------------------------- variants
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    log_every: int = 10
+
+    def check(self, p):
+        positive(p, self, "steps", "batch_size", "lr", "log_every")
+        if self.weight_decay < 0:
+            raise ParamError(f"{p}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ParamError(f"{p}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class DualEncoderConfig:
+    """CLIP-style: cached image features + text encoder, projection heads, InfoNCE."""
+
+    family: Literal["alignment"]
+    model: Literal["dual_encoder"]
+    image_encoder: str
+    text_encoder: str = "minilm_l6"
+    text_pooling: Literal["cls", "mean"] = "mean"
+    text_trainable: bool = False
+    max_text_len: int = 32
+    embed_dim: int = 256
+    head: Literal["linear", "mlp"] = "mlp"
+    dropout: float = 0.1
+    init_temperature: float = 0.07
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def check(self, p):
+        positive(p, self, "max_text_len", "embed_dim", "init_temperature")
+        in_range(p, self, "dropout", 0.0, 0.9)
+        from .models.registry import check_image_encoder, check_text_encoder
+
+        check_image_encoder(f"{p}.image_encoder", self.image_encoder)
+        check_text_encoder(f"{p}.text_encoder", self.text_encoder)
+
+
+@dataclass
+class DecodingConfig:
+    strategy: Literal["greedy", "beam", "nucleus"] = "greedy"
+    beam_size: int = 3
+    top_p: float = 0.9
+    temperature: float = 1.0
+    max_len: int = 24
+
+    def check(self, p):
+        positive(p, self, "beam_size", "temperature", "max_len")
+        in_range(p, self, "top_p", 1e-6, 1.0)
+
+
+@dataclass
+class GridTransformerConfig:
+    """Grid features -> transformer encoder -> transformer decoder over a caption vocabulary."""
+
+    family: Literal["captioning"]
+    model: Literal["grid_transformer"]
+    image_encoder: str
+    d_model: int = 256
+    encoder_layers: int = 3
+    decoder_layers: int = 4
+    heads: int = 8
+    dropout: float = 0.1
+    min_word_count: int = 1
+    max_len: int = 24
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+
+    def check(self, p):
+        positive(p, self, "d_model", "encoder_layers", "decoder_layers", "heads", "min_word_count", "max_len")
+        in_range(p, self, "dropout", 0.0, 0.9)
+        if self.d_model % self.heads:
+            raise ParamError(f"{p}.heads: d_model={self.d_model} is not divisible by heads={self.heads}")
+        from .models.registry import check_image_encoder
+
+        check_image_encoder(f"{p}.image_encoder", self.image_encoder)
+
+
+@dataclass
+class VisionPrefixConfig:
+    """ClipCap-style: vision features -> MLP -> prefix tokens + learned [SEP] -> frozen causal LM."""
+
+    family: Literal["captioning"]
+    model: Literal["vision_prefix"]
+    image_encoder: str
+    language_model: str = "smollm2_135m"
+    prefix_hidden: int = 1024
+    dropout: float = 0.1
+    lm_trainable: bool = False
+    max_len: int = 40  # LM tokens (subwords), caption + EOS: truncating drops the EOS it must learn
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=16, steps=150))
+
+    def check(self, p):
+        positive(p, self, "prefix_hidden", "max_len")
+        in_range(p, self, "dropout", 0.0, 0.9)
+        from .models.registry import check_image_encoder, check_language_model
+
+        check_image_encoder(f"{p}.image_encoder", self.image_encoder)
+        check_language_model(f"{p}.language_model", self.language_model)
+
+
+VARIANT_MODELS = {
+    "dual_encoder": DualEncoderConfig,
+    "grid_transformer": GridTransformerConfig,
+    "vision_prefix": VisionPrefixConfig,
+}
+
+
+def build_variant(name: str, raw: Any):
+    prefix = f"variants.{name}"
+    if not isinstance(raw, dict):
+        raise ParamError(f"{prefix}: expected a mapping, got {raw!r}")
+    model = raw.get("model")
+    if model is None:
+        raise ParamError(f"{prefix}.model: missing required key (one of: {', '.join(VARIANT_MODELS)})")
+    if model not in VARIANT_MODELS:
+        raise ParamError(f"{prefix}.model: unknown model {model!r} (one of: {', '.join(VARIANT_MODELS)})")
+    return build(VARIANT_MODELS[model], raw, prefix)
+
+
+# ---------------------------------------------------------------- run-wide sections
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self, p):
+        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
+            raise ParamError(f"{p}.device: {self.device!r} is not auto, cpu, cuda[:N] or mps")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 64
+    max_images: int = 0  # 0 = the whole test split
+    picture_images: int = 8
+
+    def check(self, p):
+        positive(p, self, "batch_size")
+        if self.max_images < 0:
+            raise ParamError(f"{p}.max_images: must be >= 0 (0 = all), got {self.max_images}")
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "vlbench"
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "split": SplitConfig,
+    "features": FeaturesConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"params: file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamError(f"params: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ParamError(f"params: {path} must hold a mapping of sections")
+    return raw
+
+
+def section(raw: dict, name: str):
+    """One validated section of params.yaml (a missing section takes the defaults)."""
+    cls = SECTIONS[name]
+    sub = raw.get(name, {})
+    if sub is None:
+        sub = {}
+    return build(cls, sub, name)
+
+
+def variant(raw: dict, name: str):
+    variants = raw.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ParamError("variants: missing or empty (list at least one variant)")
+    if name not in variants:
+        raise ParamError(f"variants.{name}: unknown variant (known: {', '.join(variants)})")
+    return build_variant(name, variants[name])
+
+
+def validate_all(raw: dict) -> None:
+    """Check every section and variant; used by `vlbench check` and the first stage."""
+    unknown = sorted(set(raw) - set(SECTIONS) - {"variants"})
+    if unknown:
+        raise ParamError(f"{unknown[0]}: unknown section (known: {', '.join([*SECTIONS, 'variants'])})")
+    for name in SECTIONS:
+        section(raw, name)
+    variants = raw.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ParamError("variants: missing or empty (list at least one variant)")
+    backbones = section(raw, "features").backbones
+    for name in variants:
+        v = build_variant(name, variants[name])
+        if v.image_encoder not in backbones:
+            raise ParamError(
+                f"variants.{name}.image_encoder: {v.image_encoder!r} is not in features.backbones {backbones}"
+            )
+
+
+def to_flat_dict(obj, prefix: str = "") -> dict[str, Any]:
+    """Dataclass -> {'optim.lr': 0.001, ...} for MLflow params."""
+    out = {}
+    for k, v in dataclasses.asdict(obj).items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                out[f"{prefix}{k}.{k2}"] = v2
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

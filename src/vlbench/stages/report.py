@@ -1,0 +1,80 @@
+"""Stage `report`: one comparison table ``metrics/summary.md`` (every variant next to chance)
+and ``metrics/curves.png`` (training loss of every variant)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from .. import io
+from ..config import load_params
+
+RETRIEVAL_COLS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_median_rank", "t2i_median_rank"]
+CAPTION_COLS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return "n/a" if v.startswith("unavailable") else v
+    return f"{v:.1f}"
+
+
+def _table(cols: list[str], rows: list[tuple[str, dict, str]]) -> list[str]:
+    out = ["| variant | " + " | ".join(cols) + " | speed | peak MB |", "|---" * (len(cols) + 3) + "|"]
+    for name, vals, speed, mem in rows:
+        out.append(f"| {name} | " + " | ".join(_fmt(vals.get(c)) for c in cols) + f" | {speed} | {mem} |")
+    return out
+
+
+def summarise(results: list[dict]) -> str:
+    lines = ["# Results", ""]
+    align = [r for r in results if r["family"] == "alignment"]
+    caps = [r for r in results if r["family"] == "captioning"]
+    if align:
+        r0 = align[0]
+        lines += [f"## Retrieval (test split: {r0['images']} images, {r0['captions']} captions, captions grouped per image)", ""]
+        rows = [(r["variant"], r["metrics"], f"{r['speed']['queries_per_s']:.0f} q/s", f"{r['speed']['peak_memory_mb']:.0f}") for r in align]
+        rows.append(("*chance*", r0["chance"], "", ""))
+        lines += _table(RETRIEVAL_COLS, rows) + [""]
+        lines += ["R@K in %, higher is better; median rank: lower is better. i2t: an image is a hit when any of its captions is in the top K.", ""]
+    if caps:
+        r0 = caps[0]
+        lines += [f"## Captioning (test split: {r0['images']} images, pycocoevalcap)", ""]
+        rows = [(r["variant"], r["metrics"], f"{r['speed']['captions_per_s']:.1f} cap/s", f"{r['speed']['peak_memory_mb']:.0f}") for r in caps]
+        rows.append(("*chance* (random training caption)", r0["chance"], "", ""))
+        lines += _table(CAPTION_COLS, rows) + [""]
+        lines += ["Scores x100. SPICE shows n/a when its Stanford CoreNLP models are not installed.", ""]
+    return "\n".join(lines)
+
+
+def run(params_path: str, metrics_dir: str) -> None:
+    variants = load_params(params_path).get("variants") or {}
+    metrics_dir = Path(metrics_dir)
+    missing = [v for v in variants if not (metrics_dir / f"{v}.json").is_file()]
+    if missing:
+        raise SystemExit(f"vlbench report: no metrics for {', '.join(missing)} (run their evaluate stage first)")
+    results = [json.loads((metrics_dir / f"{v}.json").read_text()) for v in variants]
+    io.write_text(metrics_dir / "summary.md", summarise(results))
+    curves = {}
+    for v in variants:
+        f = metrics_dir / "curves" / f"{v}.csv"
+        if f.is_file():
+            with open(f) as fh:
+                curves[v] = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
+    from ..pictures import training_curves
+
+    with io.atomic_path(metrics_dir / "curves.png") as tmp:
+        training_curves(curves, str(tmp) + ".png")
+        Path(str(tmp) + ".png").replace(tmp)
+    print((metrics_dir / "summary.md").read_text())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="vlbench report", description=__doc__)
+    ap.add_argument("--params", default="params.yaml", help="params file (reads the list of variants)")
+    ap.add_argument("--metrics", default="metrics", help="folder with <variant>.json and curves/")
+    a = ap.parse_args(argv)
+    run(a.params, a.metrics)

@@ -1,0 +1,164 @@
+"""Stage `train`: train one variant (params `variants.<name>`) on cached features.
+
+Writes ``<out>/model.safetensors``, ``<out>/config.json``, ``<out>/run_id`` and the training
+curve ``<curves>`` (CSV: step, loss, lr; a DVC plot). Logs params, per-step loss and learning
+rate, and the checkpoint to the variant's MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import io
+from ..config import load_params, section, to_flat_dict, variant
+from ..models.factory import build_model, save_trained
+from ..runtime import pick_device, seed_everything
+from ..tracking import start_run
+from .features import load_features
+from .split import read_manifest
+
+
+def lr_at(step: int, optim) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    t = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+    return optim.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class Batches:
+    """Random images with one of their captions drawn at random, from a seeded generator."""
+
+    def __init__(self, feats: np.ndarray, captions: list[list[str]], batch_size: int, seed: int):
+        self.feats, self.captions, self.batch_size = feats, captions, batch_size
+        self.rng = random.Random(seed)
+
+    def sample(self):
+        idx = sorted(self.rng.sample(range(len(self.feats)), min(self.batch_size, len(self.feats))))
+        cap_idx = [self.rng.randrange(len(self.captions[i])) for i in idx]
+        return idx, cap_idx
+
+
+def _captions_by_row(splits_dir: str, split: str, ids: list[str]) -> list[list[str]]:
+    df = read_manifest(splits_dir, split)
+    by_id = dict(zip(df["image_id"], df["captions"]))
+    return [list(by_id[i]) for i in ids]
+
+
+@torch.no_grad()
+def cache_text_features(model, captions: list[list[str]], device, batch_size: int = 256) -> list[torch.Tensor]:
+    """Frozen text encoder: encode every caption once instead of every step."""
+    flat = [c for caps in captions for c in caps]
+    out = []
+    for s in tqdm(range(0, len(flat), batch_size), desc="text features", unit="batch"):
+        out.append(model.text_features(flat[s : s + batch_size], device).cpu())
+    feats = torch.cat(out)
+    rows, start = [], 0
+    for caps in captions:
+        rows.append(feats[start : start + len(caps)])
+        start += len(caps)
+    return rows
+
+
+def make_step(model, cfg, captions, text_cache, feats, device):
+    """Return a function batch -> loss for this model family."""
+    if cfg.family == "alignment":
+        from ..models.alignment import contrastive_loss
+
+        def step(idx, cap_idx):
+            img = model.embed_images(torch.from_numpy(feats[idx]).to(device))
+            if text_cache is not None:
+                t = torch.stack([text_cache[i][j] for i, j in zip(idx, cap_idx)]).to(device)
+            else:
+                t = model.text_features([captions[i][j] for i, j in zip(idx, cap_idx)], device)
+            return contrastive_loss(img, model.embed_text_features(t), model.scale())
+
+        return step
+
+    def step(idx, cap_idx):
+        grid = torch.from_numpy(feats[idx]).to(device)
+        return model.loss(grid, [captions[i][j] for i, j in zip(idx, cap_idx)])
+
+    return step
+
+
+def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: str, curves: str) -> None:
+    raw = load_params(params_path)
+    cfg = variant(raw, name)
+    tcfg, tracking = section(raw, "train"), section(raw, "tracking")
+    seed_everything(tcfg.seed)
+    device = pick_device(tcfg.device)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    feats, ids = load_features(features_dir, "train")
+    captions = _captions_by_row(splits_dir, "train", ids)
+    extra = {"image_dim": int(feats.shape[2]), "n_grid": int(feats.shape[1]), "image_encoder": cfg.image_encoder}
+    if cfg.model == "grid_transformer":
+        from ..models.captioning import Vocabulary
+
+        extra["vocab"] = Vocabulary.build([c for caps in captions for c in caps], cfg.min_word_count).itos
+    model = build_model(cfg, extra["image_dim"], extra["n_grid"], extra.get("vocab")).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    text_cache = None
+    if cfg.family == "alignment" and not cfg.text_trainable:
+        model.eval()
+        text_cache = cache_text_features(model, captions, device)
+    optim = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    step_fn = make_step(model, cfg, captions, text_cache, feats, device)
+    batches = Batches(feats, captions, cfg.optim.batch_size, tcfg.seed)
+
+    mlflow, active = start_run(tracking.experiment, name, out_dir / "run_id", resume=False)
+    with active as mlrun:
+        io.write_text(out_dir / "run_id", mlrun.info.run_id)
+        mlflow.log_params({**to_flat_dict(cfg), "seed": tcfg.seed, "device": str(device),
+                           "trainable_params": n_trainable, "train_images": len(ids)})
+        rows, t0 = [], time.perf_counter()
+        model.train()
+        if text_cache is not None:
+            model.text_model.eval()  # frozen encoder: keep dropout off
+        bar = tqdm(range(cfg.optim.steps), desc=f"train {name}", unit="step")
+        for step in bar:
+            lr = lr_at(step, cfg.optim)
+            for g in optim.param_groups:
+                g["lr"] = lr
+            loss = step_fn(*batches.sample())
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            if step % cfg.optim.log_every == 0 or step == cfg.optim.steps - 1:
+                rows.append({"step": step, "loss": round(loss.item(), 5), "lr": lr})
+                mlflow.log_metrics({"train_loss": loss.item(), "lr": lr}, step=step)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        seconds = time.perf_counter() - t0
+        mlflow.log_metrics({"train_seconds": seconds, "train_samples_per_s": cfg.optim.steps * cfg.optim.batch_size / seconds})
+        save_trained(model, out_dir, name, raw["variants"][name], extra)
+        with io.atomic_path(curves) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+            w.writeheader()
+            w.writerows(rows)
+        mlflow.log_artifact(str(out_dir / "model.safetensors"), "checkpoint")
+        mlflow.log_artifact(str(out_dir / "config.json"), "checkpoint")
+    print(f"{name}: {cfg.optim.steps} steps in {seconds:.1f}s, final loss {rows[-1]['loss']:.4f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="vlbench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file (reads variants.<name>, train, tracking)")
+    ap.add_argument("--variant", required=True, help="a key of `variants` in params.yaml")
+    ap.add_argument("--features", required=True, help="folder of the features stage for the variant's image encoder")
+    ap.add_argument("--splits", default="data/splits")
+    ap.add_argument("--out", default=None, help="model folder (default models/<variant>)")
+    ap.add_argument("--curves", default=None, help="training-curve CSV (default metrics/curves/<variant>.csv)")
+    a = ap.parse_args(argv)
+    run(a.params, a.variant, a.features, a.splits, a.out or f"models/{a.variant}", a.curves or f"metrics/curves/{a.variant}.csv")

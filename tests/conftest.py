@@ -1,0 +1,56 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of a 45 s hang
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR8K = (ROOT / ".." / "shared" / "data" / "flickr8k-224").resolve()
+
+
+def tiny_params(n_images: int = 48, steps: int = 4, variants: dict | None = None) -> dict:
+    """A params.yaml small enough for the CPU in seconds, same shape as the real one."""
+    return {
+        "data": {"name": "shapes", "root": None, "shapes": {"n_images": n_images, "image_size": 64, "seed": 0}},
+        "split": {"seed": 0, "val_size": 6, "test_size": 12},
+        "features": {"backbones": ["efficientnet_lite0"], "image_size": 64, "batch_size": 16},
+        "train": {"seed": 0, "device": "cpu"},
+        "evaluate": {"batch_size": 16, "max_images": 0, "picture_images": 4},
+        "tracking": {"experiment": "vlbench-test"},
+        "variants": variants
+        or {
+            "clip": {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0",
+                     "optim": {"steps": steps, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 1}},
+            "gridcap": {"family": "captioning", "model": "grid_transformer", "image_encoder": "efficientnet_lite0",
+                        "d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "heads": 4,
+                        "optim": {"steps": steps, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 1}},
+        },
+    }
+
+
+def env_with_venv() -> dict:
+    """Stage commands call `python`; make it this interpreter, as an activated venv would."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlbench", *args], cwd=cwd, env=env_with_venv(),
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A copy of the project's pipeline files in a fresh folder (code is imported from the install)."""
+    for name in ("dvc.yaml", "MLproject"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (tmp_path / "metrics").mkdir()
+    return tmp_path

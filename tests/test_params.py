@@ -1,0 +1,93 @@
+"""Bad params.yaml edits: each must fail fast with one line that names the key."""
+import copy
+
+import pytest
+import yaml
+
+from conftest import run_cli, tiny_params
+from vlbench.config import ParamError, validate_all
+
+
+def edit(path: str, value):
+    def apply(p):
+        keys = path.split(".")
+        d = p
+        for k in keys[:-1]:
+            d = d[k]
+        if value is DELETE:
+            del d[keys[-1]]
+        else:
+            d[keys[-1]] = value
+        return p
+
+    return apply
+
+
+DELETE = object()
+
+BAD_EDITS = [
+    ("data.name", edit("data.name", "imagenet")),
+    ("data.name", edit("data.name", DELETE)),
+    ("data.root", edit("data.name", "flickr8k")),
+    ("data.root", lambda p: edit("data.root", "/no/such/folder")(edit("data.name", "flickr8k")(p))),
+    ("data.shapes.n_images", edit("data.shapes.n_images", 0)),
+    ("data.shapes.image_size", edit("data.shapes.image_size", "big")),
+    ("split.test_size", edit("split.test_size", -5)),
+    ("features.batch_size", edit("features.batch_size", 0)),
+    ("features.backbones[0]", edit("features.backbones", ["no_such_net"])),
+    ("train.device", edit("train.device", "tpu")),
+    ("train.seed", edit("train.seed", 1.5)),
+    ("evaluate.max_images", edit("evaluate.max_images", -1)),
+    ("variants", edit("variants", {})),
+    ("variants.clip.model", edit("variants.clip.model", "transformer9000")),
+    ("variants.clip.model", edit("variants.clip.model", DELETE)),
+    ("variants.clip.image_encoder", edit("variants.clip.image_encoder", DELETE)),
+    ("variants.clip.image_encoder", edit("variants.clip.image_encoder", "timm/resnet50")),  # not a cached backbone
+    ("variants.clip.text_encoder", edit("variants.clip.text_encoder", "bert")),
+    ("variants.clip.optim.lr", edit("variants.clip.optim.lr", 0)),
+    ("variants.clip.optim.lr", edit("variants.clip.optim.lr", -1e-3)),
+    ("variants.clip.optim.lr", edit("variants.clip.optim.lr", "fast")),
+    ("variants.clip.optim.batch_size", edit("variants.clip.optim.batch_size", 0)),
+    ("variants.clip.optim.steps", edit("variants.clip.optim.steps", "10")),
+    ("variants.clip.text_pooling", edit("variants.clip.text_pooling", "max")),
+    ("variants.clip.family", edit("variants.clip.family", "captioning")),
+    ("variants.clip.dropout", edit("variants.clip.dropout", 1.5)),
+    ("variants.clip.embed_size", edit("variants.clip.embed_size", 128)),  # typo of embed_dim
+    ("variants.gridcap.heads", edit("variants.gridcap.heads", 5)),  # 64 not divisible by 5
+    ("variants.gridcap.decoding.strategy", edit("variants.gridcap.decoding", {"strategy": "topk"})),
+    ("variants.gridcap.decoding.top_p", edit("variants.gridcap.decoding", {"top_p": 0})),
+    ("colours", edit("colours", 3)),  # unknown section
+]
+
+
+@pytest.mark.parametrize("key,apply", BAD_EDITS, ids=[f"{i}-{k}" for i, (k, _) in enumerate(BAD_EDITS)])
+def test_bad_edit_names_the_key(key, apply):
+    params = apply(copy.deepcopy(tiny_params()))
+    with pytest.raises(ParamError) as e:
+        validate_all(params)
+    assert str(e.value).startswith(key + ":"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_default_params_are_valid():
+    from conftest import ROOT
+
+    validate_all(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+def test_cli_exits_2_with_one_line_before_any_work(tmp_path):
+    params = tiny_params()
+    params["variants"]["clip"]["optim"]["lr"] = -0.1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = run_cli(["download", "--out", "data/raw"], cwd=tmp_path)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[-1] == "vlbench download: bad params: variants.clip.optim.lr: must be > 0, got -0.1"
+    assert not (tmp_path / "data").exists()  # nothing half-written
+
+
+def test_cli_unknown_variant(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    r = run_cli(["train", "--variant", "nope", "--features", "x"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert "variants.nope: unknown variant (known: clip, gridcap)" in r.stderr
