@@ -28,6 +28,14 @@ def _experiment_id(mlflow, name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 
+def _probe(uri: str) -> None:
+    """Fail in seconds on a dead HTTP server (MLflow's own client retries for minutes)."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+
+
 def connect(experiment: str):
     """Set the tracking URI and experiment; return (mlflow module, experiment id)."""
     import mlflow
@@ -35,6 +43,7 @@ def connect(experiment: str):
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
     mlflow.set_tracking_uri(uri)
     try:
+        _probe(uri)
         return mlflow, _experiment_id(mlflow, experiment)
     except Exception as e:
         if uri == default_uri():
