@@ -46,11 +46,10 @@ def run_cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, **kw)
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
+def copy_project(dest: Path) -> Path:
     """A copy of the project's pipeline files in a fresh folder (code is imported from the install)."""
     for name in ("dvc.yaml", "MLproject"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (tmp_path / "metrics").mkdir()
-    return tmp_path
+        shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "metrics").mkdir()
+    return dest

@@ -25,8 +25,11 @@ def dvc(*args, cwd):
     return sh([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd)
 
 
-@pytest.fixture
-def repo(project):
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    from conftest import copy_project
+
+    project = copy_project(tmp_path_factory.mktemp("e2e"))
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(n_images=40, steps=6), sort_keys=False))
     (project / ".gitignore").write_text("mlflow.db\nmlartifacts/\n/models/\n/data/\n")
     sh(["git", "init", "-q"], project)
@@ -86,3 +89,78 @@ def test_dvc_repro_end_to_end(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc("repro", cwd=repo)
     assert stages_run(third.stdout) == {"train@gridcap", "evaluate@gridcap", "report"}, third.stdout
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A small PNG whose header (IHDR, CRC fixed up) claims width x height."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then chunk length + type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    return bytes(data)
+
+
+def test_caption_command_on_good_and_bad_files(repo, tmp_path):
+    good = sorted((repo / "data/raw/images").iterdir())[:2]
+    missing = tmp_path / "missing.jpg"
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good[0].read_bytes()[:60])
+    huge = tmp_path / "huge.png"  # header says 20000x20000: refused as a decompression bomb, never decoded
+    huge.write_bytes(png_claiming_size(20000, 20000))
+    files = [good[0], missing, empty, text, truncated, huge, good[1]]
+    r = sh([sys_python(), "-m", "vlbench", "caption", *map(str, files), "--variant", "gridcap", "--beam", "2"], repo, check=False)
+    assert r.returncode == 1
+    out = r.stdout.splitlines()
+    assert [line.split("\t")[0] for line in out] == [str(good[0]), str(good[1])]
+    cli_captions = [line.split("\t")[1] for line in out]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 5
+    assert "no such file" in errors[0] and "empty file" in errors[1] and "not a readable image" in errors[2]
+
+    from vlbench.inference import Captioner
+
+    import os
+
+    old = os.getcwd()
+    os.chdir(repo)
+    try:
+        cap = Captioner.from_run(variant="gridcap")
+        # the bad files in between do not change the good files' captions
+        assert cap.caption([str(g) for g in good], cap.decoding(beam=2)) == cli_captions
+        a = cap.caption([str(good[0])], cap.decoding(top_p=0.9, temperature=1.5), seed=3)
+        b = cap.caption([str(good[0])], cap.decoding(top_p=0.9, temperature=1.5), seed=3)
+        assert a == b and len(a) == 1
+    finally:
+        os.chdir(old)
+
+
+def test_search_command(repo, tmp_path):
+    gallery = tmp_path / "g.png"
+    r = sh([sys_python(), "-m", "vlbench", "search", "a red circle on the left", "--variant", "clip", "--top", "3",
+            "--gallery", str(gallery)], repo)
+    hits = [line.split("\t") for line in r.stdout.splitlines() if "\t" in line]
+    assert len(hits) == 3
+    scores = [float(s) for s, _ in hits]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    assert all((repo / p).is_file() for _, p in hits)
+    assert gallery.stat().st_size > 1000
+    r = sh([sys_python(), "-m", "vlbench", "search", "x", "--variant", "gridcap"], repo, check=False)
+    assert r.returncode == 2 and "needs an alignment variant" in r.stderr
+
+
+def sys_python() -> str:
+    import sys
+
+    return sys.executable

@@ -5,13 +5,15 @@ import importlib
 import sys
 
 COMMANDS = {
-    "check": ("vlbench.stages.check", "validate params.yaml and exit"),
+    "check": ("vlbench.commands.check", "validate params.yaml and exit"),
     "download": ("vlbench.stages.download", "fetch or generate the dataset and verify it"),
     "split": ("vlbench.stages.split", "write train/val/test manifests"),
     "features": ("vlbench.stages.features", "cache image-encoder features for one backbone"),
     "train": ("vlbench.stages.train", "train one variant"),
     "evaluate": ("vlbench.stages.evaluate", "evaluate one variant on the test split"),
     "report": ("vlbench.stages.report", "write metrics/summary.md and the plots"),
+    "caption": ("vlbench.commands.caption", "caption image files with a trained variant"),
+    "search": ("vlbench.commands.search", "find images for a text query with a trained variant"),
 }
 
 

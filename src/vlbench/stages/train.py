@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import random
 import time
@@ -101,7 +102,9 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
 
     feats, ids = load_features(features_dir, "train")
     captions = _captions_by_row(splits_dir, "train", ids)
-    extra = {"image_dim": int(feats.shape[2]), "n_grid": int(feats.shape[1]), "image_encoder": cfg.image_encoder}
+    features_meta = json.loads((Path(features_dir) / "meta.json").read_text())
+    extra = {"image_dim": int(feats.shape[2]), "n_grid": int(feats.shape[1]), "image_encoder": cfg.image_encoder,
+             "image_size": features_meta["image_size"]}
     if cfg.model == "grid_transformer":
         from ..models.captioning import Vocabulary
 

@@ -1,0 +1,43 @@
+"""`vlbench search "a red circle on the left" --variant NAME`: the top images for a text query.
+
+Indexes the test split's cached features (those of the variant's image encoder), prints path
+and cosine score per hit, and optionally writes a gallery PNG.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="vlbench search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("query", help="the text to search for")
+    ap.add_argument("--variant", help="a trained alignment variant (reads models/<variant>)")
+    ap.add_argument("--model", help="a trained model folder instead of --variant")
+    ap.add_argument("--top", type=int, default=5, help="how many images (default 5)")
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to index")
+    ap.add_argument("--features", help="features folder (default data/features/<image encoder>)")
+    ap.add_argument("--splits", default="data/splits")
+    ap.add_argument("--gallery", help="write the hits as a PNG here")
+    a = ap.parse_args(argv)
+    if not (a.variant or a.model):
+        ap.error("give --variant or --model")
+    if a.top < 1:
+        ap.error("--top must be at least 1")
+    from ..inference import Searcher
+    from ..stages.features import load_features
+    from ..stages.split import read_manifest
+
+    s = Searcher.from_run(a.model, a.variant)
+    if s.cfg.family != "alignment":
+        ap.error(f"{a.variant or a.model} is a {s.cfg.family} variant; search needs an alignment variant")
+    feats, ids = load_features(a.features or f"data/features/{s.meta['image_encoder']}", a.split)
+    paths = read_manifest(a.splits, a.split).set_index("image_id").loc[ids]["path"].tolist()
+    s.index(feats, paths)
+    hits = s.search(a.query, a.top)
+    for path, score in hits:
+        print(f"{score:.4f}\t{path}")
+    if a.gallery:
+        from ..pictures import retrieval_gallery
+
+        retrieval_gallery([a.query], [[(p, sc, False) for p, sc in hits]], a.gallery)
+        print(f"gallery: {a.gallery}")
