@@ -53,3 +53,15 @@ def copy_project(dest: Path) -> Path:
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (dest / "metrics").mkdir()
     return dest
+
+
+def prepare_features(d: Path, params: dict) -> Path:
+    """A tiny project folder with data, splits and features ready for `train`."""
+    import yaml
+
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    for args in (["download", "--out", "data/raw"], ["split"],
+                 ["features", "--backbone", "efficientnet_lite0", "--out", "data/features/efficientnet_lite0"]):
+        r = run_cli(args, cwd=d)
+        assert r.returncode == 0, r.stderr
+    return d

@@ -6,21 +6,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import env_with_venv, run_cli, tiny_params
+from conftest import env_with_venv, prepare_features, tiny_params
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """A tiny project with data, splits and features ready for `train`."""
-    d = tmp_path_factory.mktemp("tracked")
-    (d / "params.yaml").write_text(yaml.safe_dump(tiny_params(n_images=30, steps=3)))
-    for args in (["download", "--out", "data/raw"], ["split"],
-                 ["features", "--backbone", "efficientnet_lite0", "--out", "data/features/efficientnet_lite0"]):
-        r = run_cli(args, cwd=d)
-        assert r.returncode == 0, r.stderr
-    return d
+    return prepare_features(tmp_path_factory.mktemp("tracked"), tiny_params(n_images=30, steps=3))
 
 
 def free_port() -> int:

@@ -288,8 +288,11 @@ def build_variant(name: str, raw: Any):
 class TrainConfig:
     seed: int = 0
     device: str = "auto"
+    checkpoint_every: int = 100  # steps between resumable checkpoints; 0 = never
 
     def check(self, p):
+        if self.checkpoint_every < 0:
+            raise ParamError(f"{p}.checkpoint_every: must be >= 0 (0 = never), got {self.checkpoint_every}")
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
             raise ParamError(f"{p}.device: {self.device!r} is not auto, cpu, cuda[:N] or mps")
 

@@ -3,14 +3,24 @@
 Writes ``<out>/model.safetensors``, ``<out>/config.json``, ``<out>/run_id`` and the training
 curve ``<curves>`` (CSV: step, loss, lr; a DVC plot). Logs params, per-step loss and learning
 rate, and the checkpoint to the variant's MLflow run.
+
+Resume: every ``train.checkpoint_every`` steps (and on SIGTERM) the full training state (trainable
+weights, optimizer, step, RNG states, curve so far, MLflow run id) goes to
+``checkpoints/<variant>/last.pt``, outside the stage's outs so DVC does not delete it. Running the
+stage again with the same params continues from there, in the same MLflow run, and ends with the
+same weights as an uninterrupted run. A checkpoint made under other params is ignored.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
+import os
 import random
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +79,37 @@ def cache_text_features(model, captions: list[list[str]], device, batch_size: in
     return rows
 
 
+class Checkpoint:
+    """The state needed to continue training exactly, loaded without pickle (weights_only)."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.path, self.fingerprint = folder / "last.pt", fingerprint
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            print(f"vlbench train: ignoring unreadable checkpoint {self.path} ({type(e).__name__})", file=sys.stderr)
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"vlbench train: {self.path} was made with other params; starting afresh", file=sys.stderr)
+            return None
+        return state
+
+    def save(self, **state) -> None:
+        with io.atomic_path(self.path) as tmp:
+            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def make_step(model, cfg, captions, text_cache, feats, device):
     """Return a function batch -> loss for this model family."""
     if cfg.family == "alignment":
@@ -91,7 +132,8 @@ def make_step(model, cfg, captions, text_cache, feats, device):
     return step
 
 
-def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: str, curves: str) -> None:
+def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: str, curves: str,
+        checkpoint_dir: str | None = None) -> None:
     raw = load_params(params_path)
     cfg = variant(raw, name)
     tcfg, tracking = section(raw, "train"), section(raw, "tracking")
@@ -120,16 +162,43 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
     step_fn = make_step(model, cfg, captions, text_cache, feats, device)
     batches = Batches(feats, captions, cfg.optim.batch_size, tcfg.seed)
 
-    mlflow, active = start_run(tracking.experiment, name, out_dir / "run_id", resume=False)
+    ckpt = Checkpoint(Path(checkpoint_dir or f"checkpoints/{name}"),
+                      fingerprint(raw["variants"][name], tcfg.seed, features_meta, ids))
+    state = ckpt.load()
+    start, rows = 0, []
+    run_id_file = out_dir / "run_id"
+    if state is not None:
+        model.load_state_dict(state["model"], strict=False)
+        optim.load_state_dict(state["optim"])
+        batches.rng.setstate(state["batch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start, rows = state["step"], state["rows"]
+        io.write_text(run_id_file, state["run_id"])
+        print(f"vlbench train: resuming {name} from step {start}/{cfg.optim.steps}", file=sys.stderr)
+
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    # Fault injection for the resume tests: VLBENCH_FAULT=KILL@15 sends SIGKILL (or TERM: SIGTERM) after step 15.
+    fault_sig, _, fault_step = os.environ.get("VLBENCH_FAULT", "@-1").partition("@")
+
+    mlflow, active = start_run(tracking.experiment, name, run_id_file, resume=state is not None)
     with active as mlrun:
-        io.write_text(out_dir / "run_id", mlrun.info.run_id)
-        mlflow.log_params({**to_flat_dict(cfg), "seed": tcfg.seed, "device": str(device),
-                           "trainable_params": n_trainable, "train_images": len(ids)})
-        rows, t0 = [], time.perf_counter()
+        io.write_text(run_id_file, mlrun.info.run_id)
+        if state is None:
+            mlflow.log_params({**to_flat_dict(cfg), "seed": tcfg.seed, "device": str(device),
+                               "trainable_params": n_trainable, "train_images": len(ids)})
+
+        def save_checkpoint(next_step: int) -> None:
+            ckpt.save(model={k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
+                      optim=optim.state_dict(), step=next_step, rows=rows, batch_rng=batches.rng.getstate(),
+                      torch_rng=torch.get_rng_state(), run_id=mlrun.info.run_id)
+
+        trainable = {k for k, v in model.named_parameters() if v.requires_grad} | {k for k, _ in model.named_buffers()}
+        t0 = time.perf_counter()
         model.train()
         if text_cache is not None:
             model.text_model.eval()  # frozen encoder: keep dropout off
-        bar = tqdm(range(cfg.optim.steps), desc=f"train {name}", unit="step")
+        bar = tqdm(range(start, cfg.optim.steps), desc=f"train {name}", unit="step", initial=start, total=cfg.optim.steps)
         for step in bar:
             lr = lr_at(step, cfg.optim)
             for g in optim.param_groups:
@@ -143,8 +212,17 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
                 rows.append({"step": step, "loss": round(loss.item(), 5), "lr": lr})
                 mlflow.log_metrics({"train_loss": loss.item(), "lr": lr}, step=step)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            done = step + 1
+            if done == int(fault_step):
+                os.kill(os.getpid(), getattr(signal, f"SIG{fault_sig}"))
+            if (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < cfg.optim.steps) or stop["signal"]:
+                save_checkpoint(done)
+            if stop["signal"]:
+                print(f"vlbench train: stopped by signal {stop['signal']} after step {done}; "
+                      f"run the stage again to resume", file=sys.stderr)
+                raise SystemExit(128 + stop["signal"])
         seconds = time.perf_counter() - t0
-        mlflow.log_metrics({"train_seconds": seconds, "train_samples_per_s": cfg.optim.steps * cfg.optim.batch_size / seconds})
+        mlflow.log_metrics({"train_seconds": seconds, "train_samples_per_s": (cfg.optim.steps - start) * cfg.optim.batch_size / seconds})
         save_trained(model, out_dir, name, raw["variants"][name], extra)
         with io.atomic_path(curves) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
@@ -152,6 +230,7 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
             w.writerows(rows)
         mlflow.log_artifact(str(out_dir / "model.safetensors"), "checkpoint")
         mlflow.log_artifact(str(out_dir / "config.json"), "checkpoint")
+    ckpt.remove()
     print(f"{name}: {cfg.optim.steps} steps in {seconds:.1f}s, final loss {rows[-1]['loss']:.4f}")
 
 
@@ -163,5 +242,7 @@ def main(argv=None):
     ap.add_argument("--splits", default="data/splits")
     ap.add_argument("--out", default=None, help="model folder (default models/<variant>)")
     ap.add_argument("--curves", default=None, help="training-curve CSV (default metrics/curves/<variant>.csv)")
+    ap.add_argument("--checkpoints", default=None, help="resume folder (default checkpoints/<variant>)")
     a = ap.parse_args(argv)
-    run(a.params, a.variant, a.features, a.splits, a.out or f"models/{a.variant}", a.curves or f"metrics/curves/{a.variant}.csv")
+    run(a.params, a.variant, a.features, a.splits, a.out or f"models/{a.variant}",
+        a.curves or f"metrics/curves/{a.variant}.csv", a.checkpoints)
