@@ -38,6 +38,7 @@ BAD_EDITS = [
     ("train.device", edit("train.device", "tpu")),
     ("train.seed", edit("train.seed", 1.5)),
     ("evaluate.max_images", edit("evaluate.max_images", -1)),
+    ("train.checkpoint_every", edit("train.checkpoint_every", -10)),
     ("variants", edit("variants", {})),
     ("variants.clip.model", edit("variants.clip.model", "transformer9000")),
     ("variants.clip.model", edit("variants.clip.model", DELETE)),

@@ -88,3 +88,68 @@ def test_unreachable_store_falls_back_to_local_sqlite(prepared):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{prepared / 'mlflow.db'}")
     exp = client.get_experiment_by_name("vlbench-test")
     assert "gridcap" in [x.info.run_name for x in client.search_runs([exp.experiment_id])]
+
+
+def test_server_stopped_mid_run_loses_nothing(prepared, tmp_path):
+    """The store dies while training: one message, the run moves to the local store with its
+    whole history replayed, and training finishes."""
+    import json
+    import urllib.request
+
+    import mlflow
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
+        env=env_with_venv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        import yaml
+
+        params = yaml.safe_load((prepared / "params.yaml").read_text())
+        params["variants"]["gridcap"]["optim"].update(steps=3000, log_every=1)
+        (prepared / "long.yaml").write_text(yaml.safe_dump(params))
+        env = env_with_venv()
+        env["MLFLOW_TRACKING_URI"] = url
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vlbench", "train", "--params", "long.yaml", "--variant", "gridcap",
+             "--features", "data/features/efficientnet_lite0", "--out", "models/long", "--checkpoints", "checkpoints/long"],
+            cwd=prepared, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        # wait until the run is on the server with some steps logged, then stop the server
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            run_file = prepared / "models/long/run_id"
+            if run_file.is_file():
+                q = f"{url}/api/2.0/mlflow/metrics/get-history?run_id={run_file.read_text()}&metric_key=train_loss"
+                try:
+                    if len(json.load(urllib.request.urlopen(q, timeout=2)).get("metrics", [])) >= 20:
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run never reached the server")
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=20)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert len([line for line in err.splitlines() if "unreachable" in line]) == 1, err
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{prepared / 'mlflow.db'}")
+    run = client.get_run((prepared / "models/long/run_id").read_text())
+    assert run.info.status == "FINISHED" and run.data.params["optim.steps"] == "3000"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train_loss")})
+    assert steps == list(range(3000))
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} >= {"checkpoint/model.safetensors"}

@@ -25,7 +25,7 @@ from ..config import load_params, section
 from ..metrics.retrieval import chance_recall, retrieval_metrics
 from ..models.factory import load_trained
 from ..runtime import pick_device, seed_everything
-from ..tracking import start_run
+from ..tracking import Tracker
 from .features import load_features
 from .split import read_manifest
 
@@ -119,8 +119,7 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
         io.write_json(metrics_dir / f"{name}_captions.json", generated)
     io.write_json(metrics_dir / f"{name}.json", result)
 
-    mlflow, active = start_run(tracking.experiment, name, Path(model_dir) / "run_id", resume=True)
-    with active:
+    with Tracker(tracking.experiment, name, Path(model_dir) / "run_id", resume=True) as mlflow:
         numeric = {f"test_{k}".replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, float)}
         numeric.update({f"test_{k}": v for k, v in speed.items()})
         mlflow.log_metrics(numeric)

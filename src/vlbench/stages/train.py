@@ -32,7 +32,7 @@ from .. import io
 from ..config import load_params, section, to_flat_dict, variant
 from ..models.factory import build_model, save_trained
 from ..runtime import pick_device, seed_everything
-from ..tracking import start_run
+from ..tracking import Tracker
 from .features import load_features
 from .split import read_manifest
 
@@ -181,9 +181,7 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
     # Fault injection for the resume tests: VLBENCH_FAULT=KILL@15 sends SIGKILL (or TERM: SIGTERM) after step 15.
     fault_sig, _, fault_step = os.environ.get("VLBENCH_FAULT", "@-1").partition("@")
 
-    mlflow, active = start_run(tracking.experiment, name, run_id_file, resume=state is not None)
-    with active as mlrun:
-        io.write_text(run_id_file, mlrun.info.run_id)
+    with Tracker(tracking.experiment, name, run_id_file, resume=state is not None) as mlflow:
         if state is None:
             mlflow.log_params({**to_flat_dict(cfg), "seed": tcfg.seed, "device": str(device),
                                "trainable_params": n_trainable, "train_images": len(ids)})
@@ -191,7 +189,7 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
         def save_checkpoint(next_step: int) -> None:
             ckpt.save(model={k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
                       optim=optim.state_dict(), step=next_step, rows=rows, batch_rng=batches.rng.getstate(),
-                      torch_rng=torch.get_rng_state(), run_id=mlrun.info.run_id)
+                      torch_rng=torch.get_rng_state(), run_id=mlflow.run_id)
 
         trainable = {k for k, v in model.named_parameters() if v.requires_grad} | {k for k, _ in model.named_buffers()}
         t0 = time.perf_counter()
