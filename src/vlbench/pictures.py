@@ -13,13 +13,12 @@ from .runtime import load_image  # noqa: E402
 
 def caption_grid(paths: list[str], generated: list[str], references: list[str], out: str, cols: int = 4) -> None:
     rows = (len(paths) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 5.4 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, p, g, r in zip(axes.flat, paths, generated, references):
         ax.imshow(load_image(p, 224))
-        ax.set_title("\n".join(textwrap.wrap(f"gen: {g}", 42) + textwrap.wrap(f"ref: {r}", 42)), fontsize=8, loc="left")
-    fig.tight_layout()
+        ax.set_title("\n".join(textwrap.wrap(f"gen: {g}", 48) + textwrap.wrap(f"ref: {r}", 48)), fontsize=8, loc="left")
     fig.savefig(out, dpi=80)
     plt.close(fig)
 

