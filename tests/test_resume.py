@@ -88,3 +88,33 @@ def test_corrupt_checkpoint_is_ignored(prepared, uninterrupted):
     assert r.returncode == 0, r.stderr
     assert "ignoring unreadable checkpoint" in r.stderr
     assert same_weights(prepared / "models/corrupt/model.safetensors", uninterrupted)
+
+
+def test_features_resume_from_completed_shards(tmp_path):
+    """Kill the features stage after its first shard; the rerun encodes only the rest and
+    produces exactly the features of an uninterrupted run."""
+    import numpy as np
+
+    from conftest import run_cli
+
+    params = tiny_params(n_images=60)
+    params["split"] = {"seed": 0, "val_size": 6, "test_size": 6}
+    params["features"]["batch_size"] = 8  # shards of 512 // 8 * 8 = 512 images: one shard per split
+    d = prepare_features(tmp_path, params)
+    reference = np.load(d / "data/features/efficientnet_lite0/train.npy")
+
+    env = env_with_venv()
+    env["VLBENCH_FAULT"] = "KILL@2"  # after the train and val shards, before test
+    args = [sys.executable, "-m", "vlbench", "features", "--backbone", "efficientnet_lite0", "--out", "data/features/again"]
+    r = subprocess.run(args, cwd=d, env=env, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL
+    assert not (d / "data/features/again").exists()  # nothing half-written
+    assert sorted(p.name for p in (d / "checkpoints/features/efficientnet_lite0").glob("*.npy")) == [
+        "train_00000.npy", "val_00000.npy"]
+    r = run_cli(["features", "--backbone", "efficientnet_lite0", "--out", "data/features/again"], cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "reused 2 completed shard(s)" in r.stderr
+    assert np.array_equal(np.load(d / "data/features/again/train.npy"), reference)
+    assert np.array_equal(np.load(d / "data/features/again/test.npy"),
+                          np.load(d / "data/features/efficientnet_lite0/test.npy"))
+    assert not (d / "checkpoints/features/efficientnet_lite0").exists()

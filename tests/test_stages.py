@@ -80,3 +80,24 @@ def test_flickr8k_original_layout(tmp_path):
     assert counts == {"train": 4000, "val": 1000, "test": 1000}
     test = pd.read_parquet(tmp_path / "data/splits/test.parquet")
     assert all(len(c) == 5 for c in test["captions"])
+
+
+def test_disk_full_gives_a_clear_error_and_no_partial_output(tmp_path):
+    """A real full disk: a 1 MiB tmpfs (needs root to mount; skipped otherwise)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        params = tiny_params(n_images=400)
+        params["data"]["shapes"]["image_size"] = 128  # ~4 KB a JPEG: 400 of them do not fit in 1 MiB
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        r = run_cli(["download", "--out", str(mnt / "raw")], cwd=tmp_path)
+        assert r.returncode == 1
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("vlbench download: disk full") and "nothing was written" in last
+        assert list(mnt.iterdir()) == []  # no half-written folder, no temp files
+    finally:
+        subprocess.run(["umount", str(mnt)])

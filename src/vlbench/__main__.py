@@ -1,6 +1,7 @@
 """Command line: ``python -m vlbench <command> [options]``; ``<command> --help`` for each."""
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -39,6 +40,13 @@ def main(argv=None) -> int:
     except ParamError as e:
         print(f"vlbench {argv[0]}: bad params: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # outputs are written under temporary names, so nothing partial is left behind
+        print(f"vlbench {argv[0]}: disk full ({e.filename or 'while writing'}); nothing was written, "
+              "free some space and run again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,6 +51,10 @@ def summarise(results: list[dict]) -> str:
         beat = [r["variant"] for r in caps if r["metrics"]["CIDEr"] > nn["CIDEr"] and r["metrics"]["BLEU-4"] > nn["BLEU-4"]]
         lines += ["Scores x100. SPICE shows n/a when its Stanford CoreNLP models are not installed.",
                   f"Beat the nearest-neighbour baseline on both CIDEr and BLEU-4: {', '.join(beat) or 'none'}.", ""]
+    lines += ["## Reproducibility", "",
+              "Same params and seed give the same numbers on CPU (training resumed from a checkpoint included). "
+              "On a GPU, identical numbers additionally need `torch.use_deterministic_algorithms(True)` and "
+              "`CUBLAS_WORKSPACE_CONFIG=:4096:8`, which are off by default because they cost speed.", ""]
     return "\n".join(lines)
 
 
