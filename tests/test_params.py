@@ -51,6 +51,9 @@ BAD_EDITS = [
     ("variants.clip.optim.batch_size", edit("variants.clip.optim.batch_size", 0)),
     ("variants.clip.optim.steps", edit("variants.clip.optim.steps", "10")),
     ("variants.clip.text_pooling", edit("variants.clip.text_pooling", "max")),
+    ("variants.clip.text_tuning", edit("variants.clip.text_tuning", True)),
+    ("variants.clip.lora.r", edit("variants.clip.lora", {"r": 0})),
+    ("variants.clip.lora.target_modules", edit("variants.clip.lora", {"target_modules": []})),
     ("variants.clip.family", edit("variants.clip.family", "captioning")),
     ("variants.clip.dropout", edit("variants.clip.dropout", 1.5)),
     ("variants.clip.embed_size", edit("variants.clip.embed_size", 128)),  # typo of embed_dim

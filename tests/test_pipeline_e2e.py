@@ -73,6 +73,7 @@ def test_dvc_repro_end_to_end(repo):
         assert r.info.run_id == (repo / "models" / name / "run_id").read_text().strip()
         assert r.data.params["optim.steps"] == "6"
         assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 6
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_loss")] == [6]
         arts = {a.path for a in client.list_artifacts(r.info.run_id, "checkpoint")}
         assert "checkpoint/model.safetensors" in arts
         assert [a.path for a in client.list_artifacts(r.info.run_id, "pictures")] == [f"pictures/{name}.png"]

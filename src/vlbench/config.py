@@ -173,6 +173,22 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """peft LoRA on the text encoder (used when text_tuning is lora)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+    def check(self, p):
+        positive(p, self, "r", "alpha")
+        in_range(p, self, "dropout", 0.0, 0.9)
+        if not self.target_modules:
+            raise ParamError(f"{p}.target_modules: name at least one module (e.g. query, value)")
+
+
+@dataclass
 class DualEncoderConfig:
     """CLIP-style: cached image features + text encoder, projection heads, InfoNCE."""
 
@@ -181,7 +197,8 @@ class DualEncoderConfig:
     image_encoder: str
     text_encoder: str = "minilm_l6"
     text_pooling: Literal["cls", "mean"] = "mean"
-    text_trainable: bool = False
+    text_tuning: Literal["frozen", "full", "lora"] = "frozen"
+    lora: LoraConfig = field(default_factory=LoraConfig)
     max_text_len: int = 32
     embed_dim: int = 256
     head: Literal["linear", "mlp"] = "mlp"

@@ -59,3 +59,50 @@ def atomic_dir(path: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would land outside the target folder."""
+
+
+def safe_extract(archive: str | Path, dest: str | Path) -> Path:
+    """Extract a zip or tar archive into ``dest``, atomically and safely.
+
+    Rejects members with absolute paths or ``..`` that escape ``dest``, and symbolic or hard
+    links (in tar) whose target escapes it; device files and FIFOs are refused. The archive is
+    unpacked into a temporary sibling folder that replaces ``dest`` only once complete, so an
+    interrupted extraction never looks finished.
+    """
+    import tarfile
+    import zipfile
+
+    archive, dest = Path(archive), Path(dest)
+
+    def check(name: str, root: Path) -> None:
+        target = (root / name).resolve()
+        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or not target.is_relative_to(root.resolve()):
+            raise UnsafeArchiveError(f"{archive.name}: member {name!r} would be written outside the target folder")
+
+    with atomic_dir(dest) as tmp:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    check(info.filename, tmp)
+                    if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                        raise UnsafeArchiveError(f"{archive.name}: member {info.filename!r} is a symbolic link")
+                z.extractall(tmp)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as t:
+                members = t.getmembers()
+                for m in members:
+                    check(m.name, tmp)
+                    if m.issym() or m.islnk():
+                        link_base = (tmp / m.name).parent if m.issym() else tmp
+                        if m.linkname.startswith("/") or not (link_base / m.linkname).resolve().is_relative_to(tmp.resolve()):
+                            raise UnsafeArchiveError(f"{archive.name}: link {m.name!r} -> {m.linkname!r} escapes the target folder")
+                    elif not (m.isfile() or m.isdir()):
+                        raise UnsafeArchiveError(f"{archive.name}: member {m.name!r} is a device or FIFO")
+                t.extractall(tmp, members=members, filter="data")
+        else:
+            raise ValueError(f"{archive}: not a zip or tar archive")
+    return dest

@@ -53,9 +53,15 @@ class DualEncoder(nn.Module):
         self.cfg = cfg
         self.image_head = ProjectionHead(image_dim, cfg.embed_dim, cfg.head, cfg.dropout)
         self.text_head = ProjectionHead(text_encoder.dim, cfg.embed_dim, cfg.head, cfg.dropout)
-        self.text_model = text_encoder.model
         self.tokenizer = text_encoder.tokenizer
-        self.text_model.requires_grad_(cfg.text_trainable)
+        self.text_model = text_encoder.model
+        self.text_model.requires_grad_(cfg.text_tuning == "full")
+        if cfg.text_tuning == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = cfg.lora
+            self.text_model = get_peft_model(self.text_model, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
     def scale(self) -> torch.Tensor:
@@ -70,7 +76,7 @@ class DualEncoder(nn.Module):
         batch = self.tokenizer(
             captions, padding=True, truncation=True, max_length=self.cfg.max_text_len, return_tensors="pt"
         ).to(device)
-        with torch.set_grad_enabled(self.cfg.text_trainable and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.cfg.text_tuning != "frozen" and torch.is_grad_enabled()):
             hidden = self.text_model(**batch).last_hidden_state
         return pool_tokens(hidden, batch["attention_mask"], self.cfg.text_pooling)
 
@@ -78,5 +84,11 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_head(feats), dim=-1)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint must hold: the heads and temperature, plus the text encoder if trained."""
-        return {k: v for k, v in self.state_dict().items() if self.cfg.text_trainable or not k.startswith("text_model.")}
+        """What a checkpoint must hold: heads and temperature, plus what of the text encoder was
+        trained (all of it, or only the LoRA matrices); frozen weights reload from the registry."""
+        tuning = self.cfg.text_tuning
+
+        def keep(k: str) -> bool:
+            return not k.startswith("text_model.") or tuning == "full" or (tuning == "lora" and "lora_" in k)
+
+        return {k: v for k, v in self.state_dict().items() if keep(k)}

@@ -133,7 +133,8 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
             ecfg.picture_images, picture, tcfg.seed)
     speed["peak_memory_mb"] = peak_memory_mb(device)
     result = {"variant": name, "family": cfg.family, "model": cfg.model, "split": "test", "images": n,
-              "captions": sum(map(len, captions)), "metrics": metrics, **baselines, "speed": speed}
+              "captions": sum(map(len, captions)), "metrics": metrics, **baselines, "speed": speed,
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if generated is not None:
         io.write_json(metrics_dir / f"{name}_captions.json", generated)
     io.write_json(metrics_dir / f"{name}.json", result)

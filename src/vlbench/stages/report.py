@@ -22,10 +22,15 @@ def _fmt(v) -> str:
     return f"{v:.1f}"
 
 
+def _count(result: dict) -> str:
+    n = result.get("trainable_params")
+    return "-" if n is None else f"{n / 1e6:.2f}M"
+
+
 def _table(cols: list[str], rows: list[tuple[str, dict, str]]) -> list[str]:
-    out = ["| variant | " + " | ".join(cols) + " | speed | peak MB |", "|---" * (len(cols) + 3) + "|"]
-    for name, vals, speed, mem in rows:
-        out.append(f"| {name} | " + " | ".join(_fmt(vals.get(c)) for c in cols) + f" | {speed} | {mem} |")
+    out = ["| variant | " + " | ".join(cols) + " | speed | peak MB | trainable params |", "|---" * (len(cols) + 4) + "|"]
+    for name, vals, speed, mem, n in rows:
+        out.append(f"| {name} | " + " | ".join(_fmt(vals.get(c)) for c in cols) + f" | {speed} | {mem} | {n} |")
     return out
 
 
@@ -36,16 +41,18 @@ def summarise(results: list[dict]) -> str:
     if align:
         r0 = align[0]
         lines += [f"## Retrieval (test split: {r0['images']} images, {r0['captions']} captions, captions grouped per image)", ""]
-        rows = [(r["variant"], r["metrics"], f"{r['speed']['queries_per_s']:.0f} q/s", f"{r['speed']['peak_memory_mb']:.0f}") for r in align]
-        rows.append(("*chance*", r0["chance"], "", ""))
+        rows = [(r["variant"], r["metrics"], f"{r['speed']['queries_per_s']:.0f} q/s", f"{r['speed']['peak_memory_mb']:.0f}",
+                 _count(r)) for r in align]
+        rows.append(("*chance*", r0["chance"], "", "", ""))
         lines += _table(RETRIEVAL_COLS, rows) + [""]
         lines += ["R@K in %, higher is better; median rank: lower is better. i2t: an image is a hit when any of its captions is in the top K.", ""]
     if caps:
         r0 = caps[0]
         lines += [f"## Captioning (test split: {r0['images']} images, pycocoevalcap)", ""]
-        rows = [(r["variant"], r["metrics"], f"{r['speed']['captions_per_s']:.1f} cap/s", f"{r['speed']['peak_memory_mb']:.0f}") for r in caps]
-        rows.append(("*nearest neighbour* (caption of the closest training image)", r0["nearest_neighbour"], "", ""))
-        rows.append(("*chance* (random training caption)", r0["chance"], "", ""))
+        rows = [(r["variant"], r["metrics"], f"{r['speed']['captions_per_s']:.1f} cap/s", f"{r['speed']['peak_memory_mb']:.0f}",
+                 _count(r)) for r in caps]
+        rows.append(("*nearest neighbour* (caption of the closest training image)", r0["nearest_neighbour"], "", "", ""))
+        rows.append(("*chance* (random training caption)", r0["chance"], "", "", ""))
         lines += _table(CAPTION_COLS, rows) + [""]
         nn = r0["nearest_neighbour"]
         beat = [r["variant"] for r in caps if r["metrics"]["CIDEr"] > nn["CIDEr"] and r["metrics"]["BLEU-4"] > nn["BLEU-4"]]

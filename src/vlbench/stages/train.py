@@ -110,6 +110,27 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def make_val_loss(model, cfg, features_dir: str, splits_dir: str, cached_text: bool, device, max_images: int = 256):
+    """-> a function giving the mean loss over a fixed slice of the val split (first caption of
+    each image, fixed batches): comparable across steps, and it draws no random numbers."""
+    feats, ids = load_features(features_dir, "val")
+    feats, ids = np.array(feats[:max_images]), ids[:max_images]
+    captions = [caps[:1] for caps in _captions_by_row(splits_dir, "val", ids)]
+    text_cache = cache_text_features(model, captions, device) if cached_text else None
+    step_fn = make_step(model, cfg, captions, text_cache, feats, device)
+    bs = cfg.optim.batch_size
+
+    @torch.no_grad()
+    def val_loss() -> float:
+        model.eval()
+        chunks = [list(range(s, min(s + bs, len(ids)))) for s in range(0, len(ids), bs)]
+        chunks = [c for c in chunks if len(c) > 1]  # a contrastive batch of one is meaningless
+        losses = [step_fn(c, [0] * len(c)).item() * len(c) for c in chunks]
+        return sum(losses) / sum(map(len, chunks))
+
+    return val_loss
+
+
 def make_step(model, cfg, captions, text_cache, feats, device):
     """Return a function batch -> loss for this model family."""
     if cfg.family == "alignment":
@@ -155,24 +176,25 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     text_cache = None
-    if cfg.family == "alignment" and not cfg.text_trainable:
+    if cfg.family == "alignment" and cfg.text_tuning == "frozen":
         model.eval()
         text_cache = cache_text_features(model, captions, device)
     optim = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step_fn = make_step(model, cfg, captions, text_cache, feats, device)
+    val_loss = make_val_loss(model, cfg, features_dir, splits_dir, text_cache is not None, device)
     batches = Batches(feats, captions, cfg.optim.batch_size, tcfg.seed)
 
     ckpt = Checkpoint(Path(checkpoint_dir or f"checkpoints/{name}"),
                       fingerprint(raw["variants"][name], tcfg.seed, features_meta, ids))
     state = ckpt.load()
-    start, rows = 0, []
+    start, rows, best_val = 0, [], float("inf")
     run_id_file = out_dir / "run_id"
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
         optim.load_state_dict(state["optim"])
         batches.rng.setstate(state["batch_rng"])
         torch.set_rng_state(state["torch_rng"])
-        start, rows = state["step"], state["rows"]
+        start, rows, best_val = state["step"], state["rows"], state["best_val_loss"]
         io.write_text(run_id_file, state["run_id"])
         print(f"vlbench train: resuming {name} from step {start}/{cfg.optim.steps}", file=sys.stderr)
 
@@ -189,13 +211,23 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
         def save_checkpoint(next_step: int) -> None:
             ckpt.save(model={k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
                       optim=optim.state_dict(), step=next_step, rows=rows, batch_rng=batches.rng.getstate(),
-                      torch_rng=torch.get_rng_state(), run_id=mlflow.run_id)
+                      torch_rng=torch.get_rng_state(), run_id=mlflow.run_id, best_val_loss=best_val)
+
+        def train_mode() -> None:
+            model.train()
+            if text_cache is not None:
+                model.text_model.eval()  # frozen encoder: keep dropout off
+
+        def validate(at_step: int) -> None:
+            nonlocal best_val
+            loss = val_loss()
+            best_val = min(best_val, loss)
+            mlflow.log_metrics({"val_loss": loss, "best_val_loss": best_val}, step=at_step)
+            train_mode()
 
         trainable = {k for k, v in model.named_parameters() if v.requires_grad} | {k for k, _ in model.named_buffers()}
         t0 = time.perf_counter()
-        model.train()
-        if text_cache is not None:
-            model.text_model.eval()  # frozen encoder: keep dropout off
+        train_mode()
         bar = tqdm(range(start, cfg.optim.steps), desc=f"train {name}", unit="step", initial=start, total=cfg.optim.steps)
         for step in bar:
             lr = lr_at(step, cfg.optim)
@@ -213,7 +245,10 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
             done = step + 1
             if done == int(fault_step):
                 os.kill(os.getpid(), getattr(signal, f"SIG{fault_sig}"))
-            if (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < cfg.optim.steps) or stop["signal"]:
+            at_checkpoint = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0
+            if at_checkpoint or done == cfg.optim.steps:
+                validate(done)
+            if (at_checkpoint and done < cfg.optim.steps) or stop["signal"]:
                 save_checkpoint(done)
             if stop["signal"]:
                 print(f"vlbench train: stopped by signal {stop['signal']} after step {done}; "
