@@ -6,6 +6,7 @@ with one line naming the offending key (``ParamError``), which the CLI turns int
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             choices = ", ".join(map(str, typing.get_args(tp)))
             raise ParamError(f"{key}: {value!r} is not one of: {choices}")
         return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None

@@ -1,7 +1,6 @@
 """Device choice, seeding and image loading shared by the stages."""
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -19,7 +18,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
 def load_image(path: str, size: int) -> Image.Image:
