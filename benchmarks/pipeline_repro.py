@@ -53,10 +53,10 @@ def main() -> None:
     full, stages = repro(clone, env)
     noop, _ = repro(clone, env)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"\n| stage | seconds |\n|---|---|")
+    print("\n| stage | seconds |\n|---|---|")
     for name, s in stages:
         print(f"| {name} | {s:.1f} |")
-    print(f"\n| run | seconds | target |\n|---|---|---|")
+    print("\n| run | seconds | target |\n|---|---|---|")
     print(f"| full dvc repro | {full:.1f} | < 900 |")
     print(f"| repeated dvc repro (no-op) | {noop:.2f} | < 5 |")
     print(f"\nratio full / no-op: {full / noop:.0f}x")

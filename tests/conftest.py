@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of a 45 s hang
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,7 +1,11 @@
 """Device choice, seeding and image loading shared by the stages."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -18,6 +22,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def fingerprint(*parts) -> str:
+    """A stable hash of the settings a resumable artefact was made under."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fault_point(count: int) -> None:
+    """Fault injection for the resume tests: with VLBENCH_FAULT=KILL@N (or TERM@N) the process
+    sends itself that signal when ``count`` reaches N. Does nothing when the variable is unset."""
+    sig, _, at = os.environ.get("VLBENCH_FAULT", "@-1").partition("@")
+    if count == int(at):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
 
 
 def load_image(path: str, size: int) -> Image.Image:

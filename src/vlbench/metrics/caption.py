@@ -18,7 +18,8 @@ def spice_available() -> bool:
 
 
 def caption_metrics(references: dict[str, list[str]], hypotheses: dict[str, str], spice: bool = True) -> dict:
-    """``references``: id -> list of reference captions; ``hypotheses``: id -> one caption."""
+    """``references``: id -> list of reference captions; ``hypotheses``: id -> one caption.
+    ``spice=False`` skips SPICE (no key); otherwise SPICE is a score or an "unavailable (...)" string."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -40,7 +41,9 @@ def caption_metrics(references: dict[str, list[str]], hypotheses: dict[str, str]
         out["METEOR"] = Meteor().compute_score(gts, res)[0] * 100
         out["ROUGE-L"] = Rouge().compute_score(gts, res)[0] * 100
         out["CIDEr"] = Cider().compute_score(gts, res)[0] * 100
-    if spice and spice_available():
+    if not spice:
+        pass  # not asked for (baselines): no SPICE key at all
+    elif spice_available():
         from pycocoevalcap.spice.spice import Spice
 
         try:

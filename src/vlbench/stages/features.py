@@ -10,11 +10,9 @@ run started again encodes only the missing shards; shards made under other setti
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from tqdm import tqdm
 from .. import io
 from ..config import ParamError, load_params, section
 from ..models.registry import create_image_encoder
-from ..runtime import load_image, pick_device, to_tensor
+from ..runtime import fault_point, fingerprint, load_image, pick_device, to_tensor
 from .split import SPLITS, read_manifest
 
 
@@ -110,10 +108,8 @@ def run(params_path: str, backbone: str, splits_dir: str, out: str, shards_dir: 
     encoder = create_image_encoder(backbone)
     manifests = {split: read_manifest(splits_dir, split) for split in SPLITS}
     shard_size = cfg.batch_size * max(1, 512 // cfg.batch_size)  # whole batches: same results resumed or not
-    key = hashlib.sha256(json.dumps([backbone, cfg.image_size, shard_size, str(device),
-                                     {k: list(v["path"]) for k, v in manifests.items()}]).encode()).hexdigest()
+    key = fingerprint(backbone, cfg.image_size, shard_size, str(device), {k: list(v["path"]) for k, v in manifests.items()})
     shards = Shards(Path(shards_dir or f"checkpoints/features/{backbone}"), key)
-    fault_sig, _, fault_at = os.environ.get("VLBENCH_FAULT", "@-1").partition("@")  # for the resume tests
     written = reused = 0
     meta = {"backbone": backbone, "image_size": cfg.image_size, "dim": encoder.dim, "splits": {}}
     with io.atomic_dir(out) as tmp:
@@ -127,8 +123,7 @@ def run(params_path: str, backbone: str, splits_dir: str, out: str, shards_dir: 
                         part = encode_paths(encoder, paths[s : s + shard_size], cfg.image_size, cfg.batch_size, device, bar=bar)
                         shards.save(split, i, part)
                         written += 1
-                        if written == int(fault_at):
-                            os.kill(os.getpid(), getattr(signal, f"SIG{fault_sig}"))
+                        fault_point(written)
                     else:
                         reused += 1
                         bar.update(len(part))

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -31,7 +29,7 @@ from tqdm import tqdm
 from .. import io
 from ..config import load_params, section, to_flat_dict, variant
 from ..models.factory import build_model, save_trained
-from ..runtime import pick_device, seed_everything
+from ..runtime import fault_point, fingerprint, pick_device, seed_everything
 from ..tracking import Tracker
 from .features import load_features
 from .split import read_manifest
@@ -104,10 +102,6 @@ class Checkpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def make_val_loss(model, cfg, features_dir: str, splits_dir: str, cached_text: bool, device, max_images: int = 256):
@@ -200,8 +194,6 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
 
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    # Fault injection for the resume tests: VLBENCH_FAULT=KILL@15 sends SIGKILL (or TERM: SIGTERM) after step 15.
-    fault_sig, _, fault_step = os.environ.get("VLBENCH_FAULT", "@-1").partition("@")
 
     with Tracker(tracking.experiment, name, run_id_file, resume=state is not None) as mlflow:
         if state is None:
@@ -243,8 +235,7 @@ def run(params_path: str, name: str, features_dir: str, splits_dir: str, out: st
                 mlflow.log_metrics({"train_loss": loss.item(), "lr": lr}, step=step)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             done = step + 1
-            if done == int(fault_step):
-                os.kill(os.getpid(), getattr(signal, f"SIG{fault_sig}"))
+            fault_point(done)
             at_checkpoint = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0
             if at_checkpoint or done == cfg.optim.steps:
                 validate(done)
