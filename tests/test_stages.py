@@ -8,6 +8,7 @@ import yaml
 from PIL import Image
 
 from conftest import FLICKR8K, run_cli, tiny_params
+from vlbench.config import ParamError
 from vlbench.data import shapes
 
 
@@ -60,9 +61,9 @@ def test_broken_image_is_dropped_and_counted(tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     records = [{"path": p.name} for p in (good, bad, empty)] * 20 + [{"path": good.name}] * 200
-    kept, broken = verify_images(records, tmp_path, max_broken_fraction=0.5)
-    assert broken == 40 and len(kept) == 220
-    with pytest.raises(RuntimeError, match="broken"):
+    kept, counts = verify_images(records, tmp_path, max_broken_fraction=0.5)
+    assert counts["broken_images"] == 40 and counts["missing_images"] == 0 and len(kept) == 220
+    with pytest.raises(ParamError, match="^data.max_broken_fraction: 40 of 260 images are missing or broken"):
         verify_images(records, tmp_path, max_broken_fraction=0.1)
 
 
@@ -75,6 +76,8 @@ def test_flickr8k_original_layout(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "data/raw/report.json").read_text())
     assert report["images"] == 6000 and report["captions"] == 30000 and report["broken_images"] == 0
+    assert report["layout"] == "flickr8k" and report["split_source"] == "flickr8k_split_files"
+    assert report["captions_per_image"] == {"5": 6000} and report["missing_images"] == 0
     r = run_cli(["split", "--raw", "data/raw", "--out", "data/splits"], cwd=tmp_path)
     counts = json.loads((tmp_path / "data/splits/counts.json").read_text())
     assert counts == {"train": 4000, "val": 1000, "test": 1000}

@@ -1,13 +1,19 @@
 """Stage `download`: fetch or generate the dataset named in params `data`, verify every image.
 
-Writes ``<out>/annotations.json`` (image_id, path, captions, optional split), ``<out>/report.json``
-(what was checked, skipped or repaired) and, for the generated default, ``<out>/images/``.
-The folder is built under a temporary name and appears only when complete.
+``data.name: shapes`` draws the embedded dataset. flickr8k, flickr30k and coco are read from
+``data.root`` when set (any layout in ``vlbench.data.layouts``), else downloaded once into the
+download cache (``--cache``, outside the DVC out) and read from there.
+
+Writes ``<out>/annotations.json`` (image_id, path, captions, split or null), ``<out>/report.json``
+(what was checked, skipped or repaired; README "Datasets" explains each key) and, for shapes,
+``<out>/images/``. The folder is built under a temporary name and appears only when complete.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
@@ -16,57 +22,101 @@ from tqdm import tqdm
 from .. import io
 from ..config import ParamError, load_params, section, validate_all
 
+EXIF_ORIENTATION = 0x0112
+EXPECTED_CAPTIONS = 5  # Flickr8k, Flickr30k and COCO have at least 5 per image (shapes: exactly 5)
 
-def verify_images(records: list[dict], base: Path, max_broken_fraction: float = 0.05) -> tuple[list[dict], int]:
-    """Drop records whose image does not decode; fail when too many are broken."""
-    good, broken = [], 0
+
+def verify_images(records: list[dict], base: Path, max_broken_fraction: float = 0.05) -> tuple[list[dict], dict]:
+    """Keep the records whose image loads; count what was dropped and what needs repair.
+
+    Every image goes through ``runtime.load_image``, the loader the features stage uses, so an
+    image kept here is one the later stages can read. Non-RGB modes and EXIF rotations are
+    repaired there (counted here); missing and undecodable files are dropped and counted.
+    """
+    from ..runtime import load_image  # imports torch: only when there are images to check
+
+    counts = {"missing_images": 0, "broken_images": 0, "converted_to_rgb": 0, "exif_rotated": 0}
+    good = []
     for r in tqdm(records, desc="verify images", unit="img"):
+        path = base / r["path"]  # an absolute record path stays as it is
+        if not path.is_file():
+            counts["missing_images"] += 1
+            continue
         try:
-            with Image.open(base / r["path"]) as im:
-                im.load()
-            good.append(r)
-        except Exception:
-            broken += 1
-    if records and broken / len(records) > max_broken_fraction:
-        raise RuntimeError(f"{broken}/{len(records)} images are broken (more than {max_broken_fraction:.0%})")
-    return good, broken
+            with Image.open(path) as im:  # header only: cheap
+                mode, orientation = im.mode, im.getexif().get(EXIF_ORIENTATION, 1)
+            load_image(str(path))
+        except Exception:  # zero-byte, truncated, not an image: PIL raises several kinds
+            counts["broken_images"] += 1
+            continue
+        counts["converted_to_rgb"] += mode != "RGB"
+        counts["exif_rotated"] += orientation not in (None, 1)
+        good.append(r)
+    bad = counts["missing_images"] + counts["broken_images"]
+    if records and bad / len(records) > max_broken_fraction:
+        raise ParamError(
+            f"data.max_broken_fraction: {bad} of {len(records)} images are missing or broken "
+            f"({bad / len(records):.1%} > {max_broken_fraction:.1%}); repair the copy or raise the limit"
+        )
+    return good, counts
 
 
-def run(params_path: str, out: str) -> None:
+def _draw_shapes(cfg, tmp: Path) -> tuple[list[dict], dict]:
+    from ..data import shapes
+
+    s = cfg.shapes
+    (tmp / "images").mkdir()
+    records = []
+    for fname, img, caps in tqdm(
+        shapes.generate(s.n_images, s.image_size, s.seed), total=s.n_images, desc="draw shapes", unit="img"
+    ):
+        img.save(tmp / "images" / fname, quality=92)
+        records.append({"image_id": fname, "path": f"images/{fname}", "captions": caps, "split": None})
+    return records, {"generated": True, "seed": s.seed}
+
+
+def run(params_path: str, out: str, cache: str = "data/downloads") -> None:
     raw = load_params(params_path)
     validate_all(raw)  # the first stage checks everything, before any expensive work
     cfg = section(raw, "data")
+    root = None
+    if cfg.name != "shapes":
+        from ..data import fetch
+
+        # Downloads go to the cache first, outside the atomic output folder: they are resumable.
+        root = Path(cfg.root) if cfg.root else fetch.fetch_dataset(cfg.name, cache, cfg.urls)
     with io.atomic_dir(out) as tmp:
-        if cfg.name == "shapes":
-            from ..data import shapes
+        if root is None:
+            records, report = _draw_shapes(cfg, tmp)
+        else:
+            from ..data import layouts
 
-            s = cfg.shapes
-            (tmp / "images").mkdir()
-            records = []
-            for fname, img, caps in tqdm(
-                shapes.generate(s.n_images, s.image_size, s.seed), total=s.n_images, desc="draw shapes", unit="img"
-            ):
-                img.save(tmp / "images" / fname, quality=92)
-                records.append({"image_id": fname, "path": f"images/{fname}", "captions": caps, "split": None})
-            report = {"images": len(records), "generated": True, "seed": s.seed}
-        elif cfg.name == "flickr8k":
-            from ..data import flickr8k
-
-            records, report = flickr8k.read_annotations(cfg.root)
-        else:  # pragma: no cover - the config Literal rejects it first
-            raise ParamError(f"data.name: {cfg.name!r} has no downloader")
-        records, broken = verify_images(records, tmp)
-        report["broken_images"] = broken
-        report["images"] = len(records)
-        report["captions"] = sum(len(r["captions"]) for r in records)
+            records, report = layouts.read(cfg.name, root)
+        records, checked = verify_images(records, tmp, cfg.max_broken_fraction)
+        per_image = Counter(len(r["captions"]) for r in records)
+        report = {
+            "dataset": cfg.name,
+            **report,
+            "images": len(records),
+            "captions": sum(len(r["captions"]) for r in records),
+            "captions_per_image": {str(k): per_image[k] for k in sorted(per_image)},
+            "images_with_few_captions": sum(v for k, v in per_image.items() if k < EXPECTED_CAPTIONS),
+            **checked,
+        }
         io.write_json(tmp / "annotations.json", records)
-        io.write_json(tmp / "report.json", {"dataset": cfg.name, **report})
-    print(json.dumps({"dataset": cfg.name, **report}))
+        io.write_json(tmp / "report.json", report)
+    print(json.dumps(report))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="vlbench download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file (reads section `data`)")
     ap.add_argument("--out", default="data/raw", help="output folder")
+    ap.add_argument("--cache", default="data/downloads", help="download cache (archives, checksums.json, unpacked roots)")
     a = ap.parse_args(argv)
-    run(a.params, a.out)
+    from ..data.fetch import DownloadError
+
+    try:
+        run(a.params, a.out, a.cache)
+    except DownloadError as e:
+        sys.exit(f"vlbench download: {e}")  # one line on stderr, exit status 1
