@@ -1,0 +1,92 @@
+"""Cross-attention re-ranker: an image-text matching (ITM) head over caption tokens that attend to
+the image's grid tokens.
+
+A cross-encoder must see every (image, caption) pair it scores, so scoring a whole test set would
+cost n_images x n_captions forward passes. As in ALBEF/BLIP it only re-orders the dual encoder's
+top-k candidates per query, and it is trained on in-batch hard negatives drawn from the dual
+encoder's similarities (the pairs it will actually be asked to separate).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossAttentionReranker(nn.Module):
+    def __init__(self, text_dim: int, image_dim: int, n_grid: int, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.text_in = nn.Linear(text_dim, d)
+        self.image_in = nn.Sequential(nn.Linear(image_dim, d), nn.LayerNorm(d))
+        self.image_pos = nn.Parameter(torch.randn(1, n_grid, d) * 0.02)
+        # Each layer: self-attention over the caption, cross-attention caption -> image, MLP.
+        layer = nn.TransformerDecoderLayer(d, cfg.heads, 4 * d, cfg.dropout, batch_first=True, norm_first=True)
+        self.layers = nn.TransformerDecoder(layer, cfg.layers)
+        self.norm = nn.LayerNorm(d)
+        self.itm = nn.Linear(d, 1)
+
+    def project(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor):
+        """Per-caption and per-image input projections, done once before pairs are formed; the
+        caption batch is trimmed to its longest caption."""
+        n = int(text_mask.sum(1).max())
+        return self.text_in(text_tokens[:, :n].float()), text_mask[:, :n], self.image_in(image_tokens.float()) + self.image_pos
+
+    def score(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Match logits [B] for B aligned pairs of projected (caption, image) tokens."""
+        h = self.layers(text, image, tgt_key_padding_mask=text_mask == 0)
+        return self.itm(self.norm(h[:, 0])).squeeze(-1)  # the first (CLS) token reads the whole caption
+
+    def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        return self.score(*self.project(text_tokens, text_mask, image_tokens))
+
+
+def hard_negatives(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image a negative caption, and for each caption a negative image, sampled in
+    proportion to the dual encoder's softmax similarity (never the matched pair itself)."""
+    with torch.no_grad():
+        eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+        w = logits.float().masked_fill(eye, float("-inf"))
+        neg_text = torch.multinomial(w.softmax(1), 1).squeeze(1)
+        neg_image = torch.multinomial(w.t().softmax(1), 1).squeeze(1)
+    return neg_text, neg_image
+
+
+def itm_loss(reranker: CrossAttentionReranker, logits: torch.Tensor, text_tokens: torch.Tensor,
+             text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    """Binary matching loss on B positives and 2B hard negatives (one per image, one per caption)."""
+    b = len(logits)
+    neg_text, neg_image = hard_negatives(logits)
+    ar = torch.arange(b, device=logits.device)
+    text_idx = torch.cat([ar, neg_text, ar])
+    image_idx = torch.cat([ar, ar, neg_image])
+    text, mask, image = reranker.project(text_tokens, text_mask, image_tokens)
+    scores = reranker.score(text[text_idx], mask[text_idx], image[image_idx])
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(scores)
+    return F.binary_cross_entropy_with_logits(scores, labels)
+
+
+@torch.no_grad()
+def rerank_top_k(sim: torch.Tensor, k: int, score, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-order each query's top-k by ``score(image_idx, caption_idx) -> match logits``.
+
+    Returns (i2t_sim, t2i_sim): copies of ``sim`` [n_images, n_captions] in which each image's
+    (row's) or caption's (column's) top-k candidates are lifted above every other entry (cosines
+    lie in [-1, 1]) in the re-ranker's order; the rest keep the dual encoder's order.
+    """
+
+    def lifted(s: torch.Tensor, queries_are_images: bool) -> torch.Tensor:  # rows of s are queries
+        kk = min(k, s.shape[1])
+        top = s.topk(kk, dim=1).indices  # [Q, kk]
+        query = torch.arange(len(s), device=s.device)[:, None].expand_as(top).reshape(-1)
+        cand = top.reshape(-1)
+        img, cap = (query, cand) if queries_are_images else (cand, query)
+        logits = torch.cat([score(img[i : i + batch_size], cap[i : i + batch_size])
+                            for i in range(0, len(img), batch_size)]).view(-1, kk)
+        # rank r (0 = best) of each candidate -> value 2 + kk - r, distinct and above any cosine
+        rank = logits.argsort(1, descending=True).argsort(1)
+        out = s.clone()
+        out.scatter_(1, top, (2 + kk - rank).to(s.dtype))
+        return out
+
+    return lifted(sim, True), lifted(sim.t(), False).t()

@@ -1,0 +1,62 @@
+"""What a train or evaluate stage feeds the model as images, by row of a split: the features
+stage's cached token grids (``variants``), or pixels read from the image files
+(``pixel_variants``, whose image encoder is tuned and so cannot be cached)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .features import ImageFiles, load_features
+from .split import read_manifest
+
+
+class CachedTokens:
+    """Rows of ``<features>/<split>.npy``: token grids [T, C] (fp16 on disk)."""
+
+    def __init__(self, features_dir: str | Path, split: str):
+        self.array, self.ids = load_features(features_dir, split)
+        self.meta = json.loads((Path(features_dir) / "meta.json").read_text())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, rows) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[rows]))
+
+    def describe(self) -> dict:
+        """What the model and its checkpoint need to know about these inputs."""
+        return {"image_dim": int(self.array.shape[2]), "n_grid": int(self.array.shape[1]),
+                "image_size": self.meta["image_size"], "input": "features"}
+
+
+class Pixels:
+    """Rows of a split's manifest as normalised pixels [3, S, S] for ``encoder``."""
+
+    def __init__(self, splits_dir: str | Path, split: str, image_size: int, encoder):
+        df = read_manifest(splits_dir, split)
+        self.ids = list(df["image_id"])
+        self.files = ImageFiles(list(df["path"]), image_size, encoder.mean, encoder.std)
+        with torch.no_grad():
+            grid = encoder.eval()(torch.zeros(1, 3, image_size, image_size))
+        self.image_size, self.dim, self.n_grid = image_size, int(grid.shape[2]), int(grid.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, rows) -> torch.Tensor:
+        return torch.stack([self.files[i] for i in rows])
+
+    def describe(self) -> dict:
+        return {"image_dim": self.dim, "n_grid": self.n_grid, "image_size": self.image_size, "input": "pixels"}
+
+
+def open_inputs(split: str, splits_dir: str, features_dir: str | None, cfg):
+    """Cached tokens when a features folder is given, else pixels at the variant's image size."""
+    if features_dir:
+        return CachedTokens(features_dir, split)
+    from ..models.registry import create_image_encoder
+
+    return Pixels(splits_dir, split, cfg.image_size, create_image_encoder(cfg.image_encoder))

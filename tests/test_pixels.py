@@ -1,0 +1,87 @@
+"""End-to-end (pixel) variants: the image encoder is tuned, so they read images instead of the
+features stage's cache, and their checkpoints hold what of the encoder was tuned."""
+import json
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import run_cli, tiny_params
+from vlbench.config import ParamError, build_variant, validate_all
+from vlbench.models.factory import build_model
+
+PIXEL = {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0", "image_size": 64,
+         "image_tuning": "lora", "image_lora": {"r": 4, "alpha": 8, "target_modules": ["conv_pwl"]},
+         "optim": {"steps": 6, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "log_every": 1}}
+
+
+def test_image_tuning_modes_train_what_they_say():
+    counts = {}
+    for tuning in ("frozen", "lora", "full"):
+        cfg = build_variant("t", {**PIXEL, "image_tuning": tuning}, "pixel_variants")
+        model = build_model(cfg, 1280, 4, pixels=True)
+        counts[tuning] = sum(p.numel() for p in model.image_encoder.parameters() if p.requires_grad)
+        keys = model.trainable_state_dict().keys()
+        encoder_keys = [k for k in keys if k.startswith("image_encoder.")]
+        if tuning == "frozen":
+            assert counts[tuning] == 0 and not encoder_keys
+        elif tuning == "lora":
+            assert encoder_keys and all("lora_" in k for k in encoder_keys)
+    assert 0 < counts["lora"] < 0.1 * counts["full"]
+
+
+def test_image_tuning_on_cached_features_is_refused():
+    params = tiny_params()
+    params["variants"]["clip"]["image_tuning"] = "lora"
+    with pytest.raises(ParamError, match=r"^variants\.clip\.image_tuning: .*pixel_variants"):
+        validate_all(params)
+    params = tiny_params()
+    params["pixel_variants"] = {"clip": PIXEL}
+    with pytest.raises(ParamError, match=r"^pixel_variants\.clip: the same name"):
+        validate_all(params)
+
+
+@pytest.fixture(scope="module")
+def pixel_project(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pixels")
+    params = tiny_params(n_images=40)
+    params["pixel_variants"] = {"clip_px": PIXEL}
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    for args in (["download"], ["split"]):  # no features stage
+        r = run_cli(args, cwd=d)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(["train", "--variant", "clip_px"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(["evaluate", "--variant", "clip_px"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def test_pixel_variant_trains_and_evaluates_without_features(pixel_project):
+    d = pixel_project
+    assert not (d / "data/features").exists()
+    meta = json.loads((d / "models/clip_px/config.json").read_text())
+    assert meta["input"] == "pixels" and meta["image_size"] == 64
+    saved = load_file(str(d / "models/clip_px/model.safetensors"))
+    lora = [k for k in saved if k.startswith("image_encoder.")]
+    assert lora and all("lora_" in k for k in lora)  # the frozen backbone is not duplicated into the checkpoint
+    assert any("lora_B" in k and saved[k].abs().sum() > 0 for k in lora)  # and training moved the adapters
+    result = json.loads((d / "metrics/clip_px.json").read_text())
+    assert result["images"] == 12 and 0 <= result["metrics"]["i2t_R@1"] <= 100
+    assert "random_projection" in result
+
+
+def test_pixel_variant_reloads_and_searches(pixel_project):
+    from vlbench.models.factory import load_trained
+
+    model, cfg, _ = load_trained(pixel_project / "models/clip_px")
+    assert model.image_encoder is not None and cfg.image_tuning == "lora"
+    r = run_cli(["search", "a red circle", "--variant", "clip_px", "--top", "2"], cwd=pixel_project)
+    assert r.returncode == 0, r.stderr[-2000:]
+    hits = [line.split("\t") for line in r.stdout.splitlines() if "\t" in line]
+    assert len(hits) == 2 and all((pixel_project / p).is_file() for _, p in hits)
+
+
+def test_stage_and_variant_kind_must_agree(pixel_project):
+    r = run_cli(["train", "--variant", "clip_px", "--features", "data/features/x"], cwd=pixel_project)
+    assert r.returncode == 2 and "pixel variant reads images" in r.stderr

@@ -1,0 +1,86 @@
+"""The cross-attention re-ranker: re-ordering only the top-k, hard negatives, and a reranked
+variant through the real train and evaluate stages."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import prepare_features, run_cli, tiny_params
+from vlbench.metrics.retrieval import ranks
+from vlbench.models.reranker import hard_negatives, rerank_top_k
+
+
+def test_rerank_reorders_only_the_top_k():
+    # 2 images, 4 captions; caption j belongs to image j // 2
+    owner = torch.tensor([0, 0, 1, 1])
+    sim = torch.tensor([[0.2, 0.1, 0.9, 0.5],   # img0: own captions ranked 3rd and 4th
+                        [0.3, 0.8, 0.7, 0.1]])  # img1: own c2 is 2nd, own c3 last
+
+    def oracle(image_idx, caption_idx):  # a perfect matcher
+        return (owner[caption_idx] == image_idx).float()
+
+    i2t_sim, t2i_sim = rerank_top_k(sim, 2, oracle)
+    # img0's top-2 are c2, c3 (both wrong): the oracle cannot fix what the dual encoder missed
+    assert ranks(i2t_sim, owner)[0].tolist() == [3, 1]  # img1: c2 lifted above c1
+    # outside the top-2 the dual encoder's order stays: img0 ranks c0 (0.2) above c1 (0.1)
+    assert i2t_sim[0, 0] > i2t_sim[0, 1]
+    assert (i2t_sim[0, [2, 3]] > 1).all() and (i2t_sim[0, [0, 1]] <= 1).all()
+    # text->image with k=2 = every image: the oracle puts each caption's image first
+    assert ranks(t2i_sim, owner)[1].tolist() == [1, 1, 1, 1]
+    assert ranks(sim, owner)[1].tolist() == [2, 2, 2, 2]  # before: every caption ranked its image 2nd
+
+
+def test_hard_negatives_are_never_the_matched_pair_and_follow_similarity():
+    torch.manual_seed(0)
+    logits = torch.zeros(6, 6)
+    logits[0, 3] = logits[3, 0] = 20.0  # caption 3 is by far the most confusable for image 0
+    for _ in range(20):
+        neg_text, neg_image = hard_negatives(logits + torch.eye(6) * 100)  # even a dominant diagonal is never drawn
+        assert (neg_text != torch.arange(6)).all() and (neg_image != torch.arange(6)).all()
+        assert neg_text[0] == 3 and neg_image[0] == 3
+
+
+@pytest.fixture(scope="module")
+def reranked_project(tmp_path_factory):
+    variants = {"clip_rr": {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0",
+                            "reranker": {"top_k": 5, "d_model": 64, "layers": 1},
+                            "optim": {"steps": 40, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2, "log_every": 5}}}
+    d = prepare_features(tmp_path_factory.mktemp("rerank"), tiny_params(n_images=60, variants=variants))
+    for args in (["train", "--variant", "clip_rr", "--features", "data/features/efficientnet_lite0"],
+                 ["evaluate", "--variant", "clip_rr", "--features", "data/features/efficientnet_lite0"],
+                 ["report"]):
+        r = run_cli(args, cwd=d)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def test_reranked_variant_reports_both_recalls_and_its_cost(reranked_project):
+    result = json.loads((reranked_project / "metrics/clip_rr.json").read_text())
+    m = result["metrics"]
+    for direction in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            assert 0 <= m[f"{direction}_R@{k}"] <= 100 and 0 <= m[f"reranked_{direction}_R@{k}"] <= 100
+        # re-ranking the top-5 cannot move a hit in or out of the top-5 ... only within it
+        assert m[f"reranked_{direction}_R@5"] == pytest.approx(m[f"{direction}_R@5"])
+        assert m[f"reranked_{direction}_R@10"] == pytest.approx(m[f"{direction}_R@10"])
+    assert result["speed"]["rerank_ms_per_1000_queries"] > 0 and result["speed"]["ms_per_1000_queries"] > 0
+    assert result["rerank_top_k"] == 5
+    rp = result["random_projection"]
+    assert set(rp) >= {"i2t_R@1", "t2i_R@10", "rsum"}
+    summary = (reranked_project / "metrics/summary.md").read_text()
+    assert "clip_rr + cross-attention re-rank of top-5" in summary
+    assert "random projections" in summary and "vs random projections" in summary
+    # the saved model holds the re-ranker, and reloads with it
+    from vlbench.models.factory import load_trained
+
+    model, cfg, _ = load_trained(reranked_project / "models/clip_rr")
+    assert model.reranker is not None and cfg.reranker.top_k == 5
+
+
+def test_reranker_params_are_validated(tmp_path):
+    params = tiny_params()
+    params["variants"]["clip"]["reranker"] = {"top_k": 5, "d_model": 60, "heads": 8}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = run_cli(["check"], cwd=tmp_path)
+    assert r.returncode == 2 and "variants.clip.reranker.heads" in r.stderr
