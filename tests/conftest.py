@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of a 45 s hang
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,6 +24,7 @@ def tiny_params(n_images: int = 48, steps: int = 4, variants: dict | None = None
         "train": {"seed": 0, "device": "cpu"},
         "evaluate": {"batch_size": 16, "max_images": 0, "picture_images": 4},
         "tracking": {"experiment": "vlbench-test"},
+        "pixel_variants": {},
         "variants": variants
         or {
             "clip": {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0",
@@ -64,3 +67,46 @@ def prepare_features(d: Path, params: dict) -> Path:
         r = run_cli(args, cwd=d)
         assert r.returncode == 0, r.stderr
     return d
+
+
+TINY_GRID = {"d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "heads": 4}  # a grid transformer in seconds
+
+
+@pytest.fixture(scope="session")
+def batch():
+    """16 drawn scenes through the real EfficientNet-Lite0 weights: real features, real captions."""
+    import torch
+
+    from vlbench.data import shapes
+    from vlbench.models import registry
+    from vlbench.runtime import to_tensor
+
+    enc = registry.create_image_encoder("efficientnet_lite0").eval()
+    items = list(shapes.generate(16, 64, seed=3))
+    x = torch.stack([to_tensor(img, enc.mean, enc.std) for _, img, _ in items])
+    with torch.no_grad():
+        grid = enc(x)
+    return grid, [caps[0] for _, _, caps in items]
+
+
+@pytest.fixture(scope="session")
+def trained_grid_captioner(batch):
+    """A tiny grid transformer trained 30 steps on ``batch``: decoding tests need a peaked model."""
+    import torch
+
+    from vlbench.config import build_variant
+    from vlbench.models.captioning import Vocabulary
+    from vlbench.models.factory import build_model
+
+    torch.manual_seed(0)
+    grid, captions = batch
+    cfg = build_variant("t", {"family": "captioning", "model": "grid_transformer", "image_encoder": "efficientnet_lite0",
+                              **TINY_GRID})
+    model = build_model(cfg, grid.shape[2], grid.shape[1], Vocabulary.build(captions).itos)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        loss = model.loss(grid, captions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), grid

@@ -28,7 +28,7 @@ DELETE = object()
 BAD_EDITS = [
     ("data.name", edit("data.name", "imagenet")),
     ("data.name", edit("data.name", DELETE)),
-    ("data.root", edit("data.name", "flickr8k")),
+    ("data.max_broken_fraction", edit("data.max_broken_fraction", -0.1)),  # data.root is optional: it downloads
     ("data.root", lambda p: edit("data.root", "/no/such/folder")(edit("data.name", "flickr8k")(p))),
     ("data.shapes.n_images", edit("data.shapes.n_images", 0)),
     ("data.shapes.image_size", edit("data.shapes.image_size", "big")),
@@ -39,6 +39,10 @@ BAD_EDITS = [
     ("train.seed", edit("train.seed", 1.5)),
     ("evaluate.max_images", edit("evaluate.max_images", -1)),
     ("train.checkpoint_every", edit("train.checkpoint_every", -10)),
+    ("train.precision", edit("train.precision", "fp8")),
+    ("train.compile", edit("train.compile", "yes")),
+    ("train.grad_accum_steps", edit("train.grad_accum_steps", 0)),
+    ("train.grad_accum_steps", edit("train.grad_accum_steps", 1.5)),
     ("variants", edit("variants", {})),
     ("variants.clip.model", edit("variants.clip.model", "transformer9000")),
     ("variants.clip.model", edit("variants.clip.model", DELETE)),

@@ -30,7 +30,11 @@ def repo(tmp_path_factory):
     from conftest import copy_project
 
     project = copy_project(tmp_path_factory.mktemp("e2e"))
-    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(n_images=40, steps=6), sort_keys=False))
+    params = tiny_params(n_images=40, steps=6)
+    params["pixel_variants"] = {"clip_px": {  # end to end: LoRA in the image encoder, no features stage
+        "family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0", "image_size": 64,
+        "image_tuning": "lora", "optim": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "log_every": 1}}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (project / ".gitignore").write_text("mlflow.db\nmlartifacts/\n/models/\n/data/\n")
     sh(["git", "init", "-q"], project)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], project)
@@ -47,7 +51,7 @@ def test_dvc_repro_end_to_end(repo):
     first = dvc("repro", cwd=repo)
     ran = stages_run(first.stdout)
     assert {"download", "split", "features@efficientnet_lite0", "train@clip", "train@gridcap",
-            "evaluate@clip", "evaluate@gridcap", "report"} <= ran, first.stdout
+            "evaluate@clip", "evaluate@gridcap", "train_pixels@clip_px", "evaluate_pixels@clip_px", "report"} <= ran, first.stdout
 
     clip = json.loads((repo / "metrics/clip.json").read_text())
     assert clip["family"] == "alignment" and clip["images"] == 12 and clip["captions"] == 60
@@ -68,7 +72,7 @@ def test_dvc_repro_end_to_end(repo):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("vlbench-test")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"clip", "gridcap"}
+    assert set(runs) == {"clip", "gridcap", "clip_px"}
     for name, r in runs.items():
         assert r.info.run_id == (repo / "models" / name / "run_id").read_text().strip()
         assert r.data.params["optim.steps"] == "6"
@@ -90,6 +94,14 @@ def test_dvc_repro_end_to_end(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc("repro", cwd=repo)
     assert stages_run(third.stdout) == {"train@gridcap", "evaluate@gridcap", "report"}, third.stdout
+
+    # new cached features re-run every variant that reads them, but not the pixel variant
+    params["features"]["image_size"] = 48
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = dvc("repro", cwd=repo)
+    assert stages_run(fourth.stdout) == {"features@efficientnet_lite0", "train@clip", "train@gridcap", "evaluate@clip",
+                                         "evaluate@gridcap", "report"}, fourth.stdout
+    assert "| clip_px |" in (repo / "metrics/summary.md").read_text()
 
 
 def png_claiming_size(width: int, height: int) -> bytes:

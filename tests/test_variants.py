@@ -4,37 +4,29 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_GRID
 from vlbench.config import VARIANT_MODELS, DecodingConfig, build_variant
-from vlbench.data import shapes
-from vlbench.models import registry
-from vlbench.models.alignment import contrastive_loss
 from vlbench.models.factory import build_model
-from vlbench.runtime import to_tensor
 
 TINY = {
     "dual_encoder": {"family": "alignment", "embed_dim": 64},
-    "grid_transformer": {"family": "captioning", "d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "heads": 4},
+    "grid_transformer": {"family": "captioning", **TINY_GRID},
     "vision_prefix": {"family": "captioning", "prefix_hidden": 64},
+    "cross_attention_lm": {"family": "captioning", "every_n_layers": 3, "max_len": 16},  # truncated captions: a cheaper LM pass
 }
 # every registered model, and the options that change its structure
 CASES = {
     "dual_encoder-frozen-mean-mlp": ("dual_encoder", {}),
     "dual_encoder-full-cls-linear": ("dual_encoder", {"text_tuning": "full", "text_pooling": "cls", "head": "linear"}),
     "dual_encoder-lora": ("dual_encoder", {"text_tuning": "lora", "lora": {"r": 4, "alpha": 8}}),
+    "dual_encoder-reranker": ("dual_encoder", {"reranker": {"top_k": 4, "d_model": 64, "layers": 1}}),
+    "dual_encoder-longformer": ("dual_encoder", {"text_encoder": "longformer_minilm", "attention_window": 8, "text_pooling": "cls"}),
     "grid_transformer": ("grid_transformer", {}),
+    "grid_transformer-sinusoidal_2d": ("grid_transformer", {"grid_positions": "sinusoidal_2d"}),
+    "grid_transformer-rope": ("grid_transformer", {"grid_positions": "rope"}),
+    "cross_attention_lm": ("cross_attention_lm", {}),
     "vision_prefix": ("vision_prefix", {}),
 }
-
-
-@pytest.fixture(scope="module")
-def batch():
-    """16 drawn scenes through the real EfficientNet-Lite0 weights: real features, real captions."""
-    enc = registry.create_image_encoder("efficientnet_lite0").eval()
-    items = list(shapes.generate(16, 64, seed=3))
-    x = torch.stack([to_tensor(img, enc.mean, enc.std) for _, img, _ in items])
-    with torch.no_grad():
-        grid = enc(x)
-    return grid, [caps[0] for _, _, caps in items]
 
 
 def test_registry_covers_every_model():
@@ -58,8 +50,9 @@ def test_variant_loss_falls(case, batch):
     if cfg.family == "alignment":
         model.text_model.eval()
 
-        def loss_fn():
-            return contrastive_loss(model.embed_images(grid), model.embed_text_features(model.text_features(captions, "cpu")), model.scale())
+        def loss_fn():  # the loss the train stage uses (contrastive, + matching when re-ranking)
+            tokens, mask = model.text_tokens(captions, "cpu")
+            return model.loss(grid, model.pool_text(tokens, mask), tokens, mask)
     else:
         def loss_fn():
             return model.loss(grid, captions)
@@ -77,23 +70,6 @@ def test_variant_loss_falls(case, batch):
         model.eval()
         out = model.generate(grid[:2], DecodingConfig(max_len=8))
         assert len(out) == 2 and all(isinstance(c, str) for c in out)
-
-
-@pytest.fixture(scope="module")
-def trained_grid_captioner(batch):
-    from vlbench.models.captioning import Vocabulary
-
-    torch.manual_seed(0)
-    grid, captions = batch
-    cfg = build_variant("t", {"model": "grid_transformer", "image_encoder": "efficientnet_lite0", **TINY["grid_transformer"]})
-    model = build_model(cfg, grid.shape[2], grid.shape[1], Vocabulary.build(captions).itos)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        loss = model.loss(grid, captions)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), grid
 
 
 def test_beam_width_one_equals_greedy(trained_grid_captioner):

@@ -90,13 +90,21 @@ class Captioner(_Trained):
 
 
 class Searcher(_Trained):
-    """Text -> images over an index of cached features (the test split by default)."""
+    """Text -> images over an index of images (the test split by default): their cached features,
+    or, for a variant that tuned its image encoder (``pixel_variants``), the image files."""
 
-    def index(self, features: np.ndarray, paths: list[str]) -> None:
-        with torch.no_grad():
-            self.image_emb = torch.cat([self.model.embed_images(torch.from_numpy(np.array(features[s : s + 256])).to(self.device))
-                                        for s in range(0, len(features), 256)])
-        self.paths = paths
+    @torch.no_grad()
+    def index(self, features: np.ndarray | None, paths: list[str], batch_size: int = 64) -> None:
+        chunks = []
+        for s in range(0, len(paths), batch_size):
+            if features is not None:
+                tokens = torch.from_numpy(np.array(features[s : s + batch_size])).to(self.device)
+            else:
+                images = [read_image(p, self.image_size) for p in paths[s : s + batch_size]]
+                x = torch.stack([to_tensor(im, self.encoder.mean, self.encoder.std) for im in images]).to(self.device)
+                tokens = self.model.image_tokens(x)
+            chunks.append(self.model.embed_images(tokens))
+        self.image_emb, self.paths = torch.cat(chunks), paths
 
     @torch.no_grad()
     def search(self, query: str, top: int = 5) -> list[tuple[str, float]]:

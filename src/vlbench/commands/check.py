@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import load_params, validate_all
+from ..config import load_params, validate_all, variant_names
 
 
 def main(argv=None):
@@ -12,4 +12,4 @@ def main(argv=None):
     a = ap.parse_args(argv)
     raw = load_params(a.params)
     validate_all(raw)
-    print(f"{a.params}: ok ({len(raw['variants'])} variants)")
+    print(f"{a.params}: ok ({len(variant_names(raw))} variants)")

@@ -1,7 +1,8 @@
 """`vlbench search "a red circle on the left" --variant NAME`: the top images for a text query.
 
-Indexes the test split's cached features (those of the variant's image encoder), prints path
-and cosine score per hit, and optionally writes a gallery PNG.
+Indexes the test split's cached features (those of the variant's image encoder; for a pixel
+variant, which tuned its encoder, the image files), prints path and cosine score per hit, and
+optionally writes a gallery PNG.
 """
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def main(argv=None):
     s = Searcher.from_run(a.model, a.variant)
     if s.cfg.family != "alignment":
         ap.error(f"{a.variant or a.model} is a {s.cfg.family} variant; search needs an alignment variant")
-    feats, ids = load_features(a.features or f"data/features/{s.meta['image_encoder']}", a.split)
-    paths = read_manifest(a.splits, a.split).set_index("image_id").loc[ids]["path"].tolist()
+    if s.meta.get("input") == "pixels":  # its image encoder was tuned: embed the image files themselves
+        feats, paths = None, read_manifest(a.splits, a.split)["path"].tolist()
+    else:
+        feats, ids = load_features(a.features or f"data/features/{s.meta['image_encoder']}", a.split)
+        paths = read_manifest(a.splits, a.split).set_index("image_id").loc[ids]["path"].tolist()
     s.index(feats, paths)
     hits = s.search(a.query, a.top)
     for path, score in hits:

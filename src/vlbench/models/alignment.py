@@ -48,9 +48,20 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
 class DualEncoder(nn.Module):
     MAX_LOGIT_SCALE = 100.0  # CLIP's clamp: temperature never below 0.01
 
-    def __init__(self, cfg, image_dim: int, text_encoder):
+    def __init__(self, cfg, image_dim: int, n_grid: int, text_encoder, image_encoder: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
+        # None: inputs are cached token grids. Otherwise inputs are pixels and the encoder is part
+        # of the model, frozen, fully tuned or LoRA-tuned (peft adapters injected into its convs).
+        self.image_encoder = image_encoder
+        if image_encoder is not None:
+            image_encoder.requires_grad_(cfg.image_tuning == "full")
+            if cfg.image_tuning == "lora":
+                from peft import LoraConfig, inject_adapter_in_model
+
+                lora = cfg.image_lora
+                inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                   target_modules=lora.target_modules), image_encoder.backbone)
         self.image_head = ProjectionHead(image_dim, cfg.embed_dim, cfg.head, cfg.dropout)
         self.text_head = ProjectionHead(text_encoder.dim, cfg.embed_dim, cfg.head, cfg.dropout)
         self.tokenizer = text_encoder.tokenizer
@@ -63,32 +74,94 @@ class DualEncoder(nn.Module):
             self.text_model = get_peft_model(self.text_model, LoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.reranker = None
+        if cfg.reranker.top_k:
+            from .reranker import CrossAttentionReranker
+
+            self.reranker = CrossAttentionReranker(text_encoder.dim, image_dim, n_grid, cfg.reranker)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE)
 
-    def embed_images(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Cached CNN grid tokens [B, T, C] -> normalised embeddings (mean pool: a CNN has no CLS)."""
-        return F.normalize(self.image_head(tokens.float().mean(1)), dim=-1)
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.cfg.text_tuning == "frozen":
+            self.text_model.eval()  # a frozen encoder keeps its dropout off
+        if self.image_encoder is not None:
+            self.image_encoder.eval()  # BatchNorm keeps its pretraining statistics: our batches are small
+        return self
 
-    def text_features(self, captions: list[str], device) -> torch.Tensor:
-        """Pooled text-encoder output before the head (cacheable when the encoder is frozen)."""
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Cached token grids pass through; pixels go through the (tuned) image encoder."""
+        if self.image_encoder is None:
+            return images
+        with torch.set_grad_enabled(self.cfg.image_tuning != "frozen" and torch.is_grad_enabled()):
+            return self.image_encoder(images)
+
+    def embed_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, T, C] (a CNN grid or ViT tokens) -> pooled -> normalised embeddings."""
+        return F.normalize(self.image_head(pool_tokens(tokens.float(), None, self.cfg.image_pooling)), dim=-1)
+
+    def text_tokens(self, captions: list[str], device, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-encoder token states [B, L, D] and attention mask [B, L] (``pad_to``: a fixed L,
+        so that cached batches stack)."""
+        padding = "max_length" if pad_to else True
         batch = self.tokenizer(
-            captions, padding=True, truncation=True, max_length=self.cfg.max_text_len, return_tensors="pt"
+            captions, padding=padding, truncation=True, max_length=pad_to or self.cfg.max_text_len, return_tensors="pt"
         ).to(device)
         with torch.set_grad_enabled(self.cfg.text_tuning != "frozen" and torch.is_grad_enabled()):
             hidden = self.text_model(**batch).last_hidden_state
-        return pool_tokens(hidden, batch["attention_mask"], self.cfg.text_pooling)
+        return hidden, batch["attention_mask"]
+
+    def pool_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return pool_tokens(tokens.float(), mask, self.cfg.text_pooling)
+
+    def text_features(self, captions: list[str], device) -> torch.Tensor:
+        """Pooled text-encoder output before the head (cacheable when the encoder is frozen)."""
+        return self.pool_text(*self.text_tokens(captions, device))
 
     def embed_text_features(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_head(feats), dim=-1)
 
+    def forward(self, images: torch.Tensor, text_pooled: torch.Tensor,
+                text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss (DDP's entry point): on many processes the contrastive batch is the
+        global batch, every rank's embeddings gathered, so it equals the one-process loss."""
+        return self.loss(images, text_pooled, text_tokens, text_mask, global_batch=True)
+
+    def loss(self, images: torch.Tensor, text_pooled: torch.Tensor,
+             text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+             global_batch: bool = False) -> torch.Tensor:
+        """Contrastive loss, plus the re-ranker's matching loss on hard negatives when it has one
+        (it needs the caption's token states). ``images``: cached token grids or pixels.
+        ``global_batch``: contrast against all ranks' pairs (the re-ranker's hard negatives stay
+        this rank's own: its token states are not gathered)."""
+        image_tokens = self.image_tokens(images)
+        img, txt = self.embed_images(image_tokens), self.embed_text_features(text_pooled)
+        if global_batch:
+            from ..distributed import gather
+
+            loss = contrastive_loss(gather(img), gather(txt), self.scale())
+        else:
+            loss = contrastive_loss(img, txt, self.scale())
+        if self.reranker is not None:
+            from .reranker import itm_loss
+
+            logits = (self.scale() * img @ txt.t()).detach()
+            loss = loss + self.cfg.reranker.itm_weight * itm_loss(self.reranker, logits, text_tokens, text_mask, image_tokens)
+        return loss
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint must hold: heads and temperature, plus what of the text encoder was
-        trained (all of it, or only the LoRA matrices); frozen weights reload from the registry."""
-        tuning = self.cfg.text_tuning
+        """What a checkpoint must hold: heads, temperature and re-ranker, plus what of each encoder
+        was trained (all of it, or only the LoRA matrices); frozen weights reload from the registry."""
+        def tuned(tuning: str, k: str) -> bool:
+            return tuning == "full" or (tuning == "lora" and "lora_" in k)
 
         def keep(k: str) -> bool:
-            return not k.startswith("text_model.") or tuning == "full" or (tuning == "lora" and "lora_" in k)
+            if k.startswith("text_model."):
+                return tuned(self.cfg.text_tuning, k)
+            if k.startswith("image_encoder."):
+                return tuned(self.cfg.image_tuning, k)
+            return True
 
         return {k: v for k, v in self.state_dict().items() if keep(k)}

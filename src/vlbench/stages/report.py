@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .. import io
-from ..config import load_params
+from ..config import load_params, variant_names
 
 RETRIEVAL_COLS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_median_rank", "t2i_median_rank"]
 CAPTION_COLS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]
@@ -27,10 +27,33 @@ def _count(result: dict) -> str:
     return "-" if n is None else f"{n / 1e6:.2f}M"
 
 
-def _table(cols: list[str], rows: list[tuple[str, dict, str]]) -> list[str]:
-    out = ["| variant | " + " | ".join(cols) + " | speed | peak MB | trainable params |", "|---" * (len(cols) + 4) + "|"]
+def _table(cols: list[str], rows: list[tuple[str, dict, str]], speed_title: str = "speed") -> list[str]:
+    out = ["| variant | " + " | ".join(cols) + f" | {speed_title} | peak MB | trainable params |", "|---" * (len(cols) + 4) + "|"]
     for name, vals, speed, mem, n in rows:
         out.append(f"| {name} | " + " | ".join(_fmt(vals.get(c)) for c in cols) + f" | {speed} | {mem} | {n} |")
+    return out
+
+
+def _is_cls_frozen_reference(r: dict) -> bool:
+    p = r.get("params", {})
+    return p.get("text_pooling") == "cls" and p.get("text_tuning", "frozen") == "frozen" and not p.get("reranker", {}).get("top_k")
+
+
+def _against_references(align: list[dict]) -> list[str]:
+    """Every alignment variant against the two references of the issue: the zero-training random
+    projections and the plain dual encoder with CLS pooling and frozen encoders."""
+    ref = next((r for r in align if _is_cls_frozen_reference(r)), None)
+    head = "| variant | rsum | vs random projections |" + (f" vs {ref['variant']} (CLS, frozen) |" if ref else "")
+    out = ["rsum = sum of the six R@K; differences in points.", "", head, "|---" * (3 + bool(ref)) + "|"]
+    for r in align:
+        entries = [(r["variant"], r["metrics"]["rsum"])]
+        if "reranked_rsum" in r["metrics"]:
+            entries.append((f"{r['variant']} (re-ranked)", r["metrics"]["reranked_rsum"]))
+        for name, rsum in entries:
+            row = f"| {name} | {rsum:.1f} | {rsum - r['random_projection']['rsum']:+.1f} |"
+            if ref:
+                row += f" {rsum - ref['metrics']['rsum']:+.1f} |"
+            out.append(row)
     return out
 
 
@@ -41,11 +64,21 @@ def summarise(results: list[dict]) -> str:
     if align:
         r0 = align[0]
         lines += [f"## Retrieval (test split: {r0['images']} images, {r0['captions']} captions, captions grouped per image)", ""]
-        rows = [(r["variant"], r["metrics"], f"{r['speed']['queries_per_s']:.0f} q/s", f"{r['speed']['peak_memory_mb']:.0f}",
-                 _count(r)) for r in align]
+        rows = []
+        for r in align:
+            speed, mem = r["speed"], f"{r['speed']['peak_memory_mb']:.0f}"
+            rows.append((r["variant"], r["metrics"], f"{speed['ms_per_1000_queries']:.0f} ms", mem, _count(r)))
+            if "reranked_rsum" in r["metrics"]:
+                reranked = {k.removeprefix("reranked_"): v for k, v in r["metrics"].items() if k.startswith("reranked_")}
+                k = r.get("rerank_top_k", "k")
+                rows.append((f"{r['variant']} + cross-attention re-rank of top-{k}", reranked,
+                             f"+{speed['rerank_ms_per_1000_queries']:.0f} ms", mem, ""))
+        rows.append(("*random projections* (pretrained features, no training)", r0["random_projection"], "", "", ""))
         rows.append(("*chance*", r0["chance"], "", "", ""))
-        lines += _table(RETRIEVAL_COLS, rows) + [""]
-        lines += ["R@K in %, higher is better; median rank: lower is better. i2t: an image is a hit when any of its captions is in the top K.", ""]
+        lines += _table(RETRIEVAL_COLS, rows, speed_title="time / 1000 queries") + [""]
+        lines += ["R@K in %, higher is better; median rank: lower is better. i2t: an image is a hit when any of its "
+                  "captions is in the top K. Time: embedding both sides and scoring, per 1000 queries (images + captions).", ""]
+        lines += _against_references(align) + [""]
     if caps:
         r0 = caps[0]
         lines += [f"## Captioning (test split: {r0['images']} images, pycocoevalcap)", ""]
@@ -66,7 +99,7 @@ def summarise(results: list[dict]) -> str:
 
 
 def run(params_path: str, metrics_dir: str) -> None:
-    variants = load_params(params_path).get("variants") or {}
+    variants = variant_names(load_params(params_path))
     metrics_dir = Path(metrics_dir)
     missing = [v for v in variants if not (metrics_dir / f"{v}.json").is_file()]
     if missing:
