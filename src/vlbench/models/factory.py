@@ -15,7 +15,7 @@ from torch import nn
 from ..config import build_variant
 from . import registry
 from .alignment import DualEncoder
-from .captioning import GridTransformerCaptioner, VisionPrefixCaptioner, Vocabulary
+from .captioning import BPEVocabulary, GridTransformerCaptioner, VisionPrefixCaptioner, Vocabulary
 
 
 def build_model(cfg, image_dim: int, n_grid: int, vocab: list[str] | None = None, pixels: bool = False) -> nn.Module:
@@ -25,6 +25,8 @@ def build_model(cfg, image_dim: int, n_grid: int, vocab: list[str] | None = None
         text_encoder = registry.create_text_encoder(cfg.text_encoder, cfg.attention_window, cfg.max_text_len)
         return DualEncoder(cfg, image_dim, n_grid, text_encoder, image_encoder)
     if cfg.model == "grid_transformer":
+        if cfg.tokenizer == "gpt2_bpe":
+            return GridTransformerCaptioner(cfg, image_dim, n_grid, BPEVocabulary())
         if vocab is None:
             raise ValueError("grid_transformer needs a vocabulary")
         return GridTransformerCaptioner(cfg, image_dim, n_grid, Vocabulary(vocab))

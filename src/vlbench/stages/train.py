@@ -1,4 +1,5 @@
-"""Stage `train`: train one variant (params `variants.<name>`) on cached features.
+"""Stage `train`: train one variant (params `variants.<name>` on cached features, or
+`pixel_variants.<name>` end to end from the images).
 
 Writes ``<out>/model.safetensors``, ``<out>/config.json``, ``<out>/run_id`` and the training
 curve ``<curves>`` (CSV: step, loss, lr; a DVC plot). Logs params, per-step loss and learning
@@ -51,14 +52,14 @@ class Batches:
     """Random images with one of their captions drawn at random, from a seeded generator; with
     ``caption_sampling="all"``, every caption of each sampled image instead (the image repeats)."""
 
-    def __init__(self, feats: np.ndarray, captions: list[list[str]], batch_size: int, seed: int,
+    def __init__(self, n_images: int, captions: list[list[str]], batch_size: int, seed: int,
                  caption_sampling: str = "random"):
-        self.feats, self.captions, self.batch_size = feats, captions, batch_size
+        self.n_images, self.captions, self.batch_size = n_images, captions, batch_size
         self.caption_sampling = caption_sampling
         self.rng = random.Random(seed)
 
     def sample(self):
-        idx = sorted(self.rng.sample(range(len(self.feats)), min(self.batch_size, len(self.feats))))
+        idx = sorted(self.rng.sample(range(self.n_images), min(self.batch_size, self.n_images)))
         if self.caption_sampling == "all":
             pairs = [(i, j) for i in idx for j in range(len(self.captions[i]))]
             return [i for i, _ in pairs], [j for _, j in pairs]
@@ -237,7 +238,7 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     ids = inputs.ids
     captions = _captions_by_row(splits_dir, "train", ids)
     extra = {**inputs.describe(), "image_encoder": cfg.image_encoder}
-    if cfg.model == "grid_transformer":
+    if cfg.model == "grid_transformer" and cfg.tokenizer == "words":
         from ..models.captioning import Vocabulary
 
         extra["vocab"] = Vocabulary.build([c for caps in captions for c in caps], cfg.min_word_count).itos
@@ -268,7 +269,7 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     val_loss = make_val_loss(model, cfg, open_inputs("val", splits_dir, features_dir, cfg), splits_dir,
                              text_cache is not None, device) if ranks.is_main else None  # rank 0 validates
     # alignment always draws one caption per image: a repeated image would be a false negative
-    batches = Batches(inputs, captions, cfg.optim.batch_size, tcfg.seed, getattr(cfg, "caption_sampling", "random"))
+    batches = Batches(len(inputs), captions, cfg.optim.batch_size, tcfg.seed, getattr(cfg, "caption_sampling", "random"))
 
     ckpt = Checkpoint(Path(checkpoint_dir or f"checkpoints/{name}"),
                       fingerprint(variant_params(raw, name), tcfg.seed, tcfg.precision, tcfg.grad_accum_steps, extra, ids))
