@@ -27,6 +27,18 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
 
+def content_ids(ids) -> list[int]:
+    """The token ids of a decoded sequence up to its first EOS, without special tokens."""
+    out = []
+    for i in ids:
+        i = int(i)
+        if i == EOS:
+            break
+        if i > UNK:
+            out.append(i)
+    return out
+
+
 class Vocabulary:
     def __init__(self, itos: list[str]):
         self.itos = itos
@@ -42,14 +54,7 @@ class Vocabulary:
         return [BOS, *ids, EOS]
 
     def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS:
-                break
-            if i > UNK:
-                out.append(self.itos[i])
-        return " ".join(out)
+        return " ".join(self.itos[i] for i in content_ids(ids))
 
     def __len__(self):
         return len(self.itos)
@@ -72,14 +77,7 @@ class BPEVocabulary:
         return [BOS, *ids, EOS]
 
     def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS:
-                break
-            if i > UNK:
-                out.append(i - len(SPECIALS))
-        return self.bpe.decode(out).strip()
+        return self.bpe.decode([i - len(SPECIALS) for i in content_ids(ids)]).strip()
 
     def __len__(self):
         return self.size
