@@ -52,3 +52,51 @@ def test_lm_captioners_run_on_a_gpt2_architecture(model_name, options, batch, mo
     again, _, _ = load_trained(tmp_path)
     greedy = DecodingConfig(strategy="greedy", max_len=6)
     assert again.generate(grid[:2], greedy) == model.generate(grid[:2], greedy)
+
+
+def test_prefix_loss_on_caption_logits_only_equals_the_full_lm_loss(batch, monkeypatch):
+    """The prefix captioner projects only the caption positions to the vocabulary; the loss must be
+    the one the LM computes over the whole sequence with the prefix positions masked out."""
+    from vlbench.models.factory import build_model
+
+    monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())
+    grid, captions = batch
+    raw = {"family": "captioning", "model": "vision_prefix", "image_encoder": "efficientnet_lite0",
+           "language_model": "hf/gpt2", "prefix_hidden": 32, "dropout": 0.0}
+    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1]).eval()
+    grid, captions = grid[:4], ["a dog", "two people walk on a long beach", "a cat", "red"]
+    ours = model.loss(grid, captions)
+
+    tok = model.tokenizer
+    b = tok([" " + c + tok.eos_token for c in captions], padding=True, return_tensors="pt", add_special_tokens=False)
+    prefix = model.prefix_embeds(grid)
+    embeds = torch.cat([prefix, model.lm.get_input_embeddings()(b.input_ids)], 1)
+    mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), b.attention_mask], 1)
+    labels = torch.cat([torch.full(prefix.shape[:2], -100), b.input_ids.masked_fill(b.attention_mask == 0, -100)], 1)
+    full = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    assert ours.item() == pytest.approx(full.item(), rel=1e-5)
+    assert ours.item() > 0
+
+
+def test_clipcap_prefix_length_maps_the_mean_feature_to_k_tokens(batch, monkeypatch):
+    from vlbench.config import ParamError
+    from vlbench.models.factory import build_model
+
+    monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())
+    grid, captions = batch
+    raw = {"family": "captioning", "model": "vision_prefix", "image_encoder": "efficientnet_lite0",
+           "language_model": "hf/gpt2", "prefix_hidden": 32, "prefix_length": 3}
+    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1])
+    assert model.prefix_embeds(grid[:2]).shape == (2, 3 + 1, 64)  # k tokens + [SEP], whatever the grid size
+    assert model.prefix_embeds(grid[:2, :5]).shape == (2, 3 + 1, 64)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model.loss(grid[:8], captions[:8])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ParamError, match="prefix_length"):
+        build_variant("t", {**raw, "prefix_length": 0})

@@ -321,6 +321,9 @@ class VisionPrefixConfig:
     image_encoder: str
     language_model: str = "smollm2_135m"
     prefix_hidden: int = 1024
+    # None: one prefix token per image token (49 for Lite0's grid, 197 for ViT-S/16).
+    # k: ClipCap's mapping, the mean image feature -> MLP -> k prefix tokens; a shorter LM sequence.
+    prefix_length: int | None = None
     dropout: float = 0.1
     lm_trainable: bool = False
     max_len: int = 40  # LM tokens (subwords), caption + EOS: truncating drops the EOS it must learn
@@ -330,6 +333,8 @@ class VisionPrefixConfig:
 
     def check(self, p):
         positive(p, self, "prefix_hidden", "max_len")
+        if self.prefix_length is not None:
+            positive(p, self, "prefix_length")
         in_range(p, self, "dropout", 0.0, 0.9)
         from .models.registry import check_image_encoder, check_language_model
 

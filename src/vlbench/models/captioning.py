@@ -330,12 +330,17 @@ class VisionPrefixCaptioner(nn.Module):
         self.lm, self.tokenizer = lm.model, lm.tokenizer
         self.lm.requires_grad_(cfg.lm_trainable)
         self.prefix = nn.Sequential(
-            nn.Linear(image_dim, cfg.prefix_hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.prefix_hidden, lm.dim)
+            nn.Linear(image_dim, cfg.prefix_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.prefix_hidden, lm.dim * (cfg.prefix_length or 1)),
         )
         self.sep = nn.Parameter(torch.randn(1, 1, lm.dim) * 0.02)
 
     def prefix_embeds(self, grid: torch.Tensor) -> torch.Tensor:
-        p = self.prefix(grid.float())
+        """[B, T, C] image tokens -> [B, P + 1, D] LM inputs: the prefix, then [SEP]."""
+        if self.cfg.prefix_length:
+            p = self.prefix(grid.float().mean(1)).view(len(grid), self.cfg.prefix_length, -1)
+        else:
+            p = self.prefix(grid.float())
         return torch.cat([p, self.sep.expand(len(p), -1, -1)], 1)
 
     def forward(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -351,8 +356,11 @@ class VisionPrefixCaptioner(nn.Module):
         embeds = torch.cat([prefix, tok_emb], 1)
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=batch.attention_mask.dtype, device=grid.device), batch.attention_mask], 1)
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-        labels = torch.cat([torch.full(prefix.shape[:2], -100, device=grid.device), labels], 1)
-        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        # Logits only where a caption token is predicted: from [SEP] on. The prefix positions carry
+        # no loss, and with a 49-197-token prefix their vocabulary projection was most of the step.
+        n = labels.shape[1]
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=n + 1).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,
