@@ -5,6 +5,9 @@ then a repeated (no-op) `dvc repro`, side by side in one process.
 
 Targets (issue 2): full run under 15 minutes on 2 CPU cores, repeated run under 5 seconds.
 Per-stage seconds come from DVC's own output timestamps (the line each stage prints on start).
+It also measures each stage's start-up (`python -m vlbench.stages.<stage> --help`: interpreter,
+imports, argument parsing; best of 3) against a bare `python -c pass` (issue 7); `--startup-only`
+measures just that.
 """
 from __future__ import annotations
 
@@ -41,10 +44,39 @@ def repro(cwd: Path, env: dict) -> tuple[float, list[tuple[str, float]]]:
     return total, stages
 
 
+STAGES = ("download", "split", "features", "train", "evaluate", "report")
+
+
+def startup_seconds(env: dict, repeats: int = 3) -> list[tuple[str, float]]:
+    """Best-of-``repeats`` wall time of each stage's ``--help``, after a bare interpreter start."""
+    def best(cmd):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    out = [("python -c pass", best([sys.executable, "-c", "pass"]))]
+    return out + [(f"stages.{s} --help", best([sys.executable, "-m", f"vlbench.stages.{s}", "--help"])) for s in STAGES]
+
+
+def print_startup(env: dict) -> None:
+    rows = startup_seconds(env)
+    bare = rows[0][1]
+    print("\n| start-up | seconds | vs bare interpreter |\n|---|---|---|")
+    for name, s in rows:
+        print(f"| {name} | {s:.2f} | {s / bare:.0f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", action="store_true", help="keep the temporary clone")
+    ap.add_argument("--startup-only", action="store_true", help="measure the stages' start-up only")
     args = ap.parse_args()
+    if args.startup_only:
+        print_startup(dict(os.environ, HF_HUB_OFFLINE="1"))
+        return
     work = Path(tempfile.mkdtemp(prefix="vlbench-bench-"))
     clone = work / "project"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -60,6 +92,7 @@ def main() -> None:
     print(f"| full dvc repro | {full:.1f} | < 900 |")
     print(f"| repeated dvc repro (no-op) | {noop:.2f} | < 5 |")
     print(f"\nratio full / no-op: {full / noop:.0f}x")
+    print_startup(env)
     print((clone / "metrics" / "summary.md").read_text())
     if not args.keep:
         shutil.rmtree(work)
