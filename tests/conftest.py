@@ -69,6 +69,21 @@ def prepare_features(d: Path, params: dict) -> Path:
     return d
 
 
+def train_gridcap(d: Path, tag: str, fault: str | None = None, params: str = "params.yaml") -> subprocess.CompletedProcess:
+    """Run the real `train` stage on variant ``gridcap`` of a prepare_features folder; outputs under
+    models/, metrics/curves/ and checkpoints/ named by ``tag``. ``fault``: VLBENCH_FAULT, e.g. TERM@3."""
+    env = env_with_venv()
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
+    env.pop("VLBENCH_FAULT", None)
+    if fault:
+        env["VLBENCH_FAULT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "vlbench", "train", "--params", params, "--variant", "gridcap",
+         "--features", "data/features/efficientnet_lite0", "--out", f"models/{tag}",
+         "--curves", f"metrics/curves/{tag}.csv", "--checkpoints", f"checkpoints/{tag}"],
+        cwd=d, env=env, capture_output=True, text=True)
+
+
 TINY_GRID = {"d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "heads": 4}  # a grid transformer in seconds
 
 

@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import env_with_venv, prepare_features, tiny_params
+from conftest import train_gridcap as train
 
 
 @pytest.fixture(scope="module")
@@ -17,19 +18,6 @@ def prepared(tmp_path_factory):
     params = tiny_params(n_images=30, steps=30)
     params["train"]["checkpoint_every"] = 10
     return prepare_features(tmp_path_factory.mktemp("resume"), params)
-
-
-def train(d, tag: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = env_with_venv()
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
-    env.pop("VLBENCH_FAULT", None)
-    if fault:
-        env["VLBENCH_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "vlbench", "train", "--variant", "gridcap", "--features", "data/features/efficientnet_lite0",
-         "--out", f"models/{tag}", "--curves", f"metrics/curves/{tag}.csv", "--checkpoints", f"checkpoints/{tag}"],
-        cwd=d, env=env, capture_output=True, text=True,
-    )
 
 
 def same_weights(a, b) -> bool:

@@ -2,14 +2,13 @@
 accumulation that gives the full batch's gradients, and a batch that cannot be split refused."""
 import contextlib
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from conftest import env_with_venv, prepare_features, run_cli, tiny_params
+from conftest import prepare_features, run_cli, tiny_params, train_gridcap
 from vlbench.config import build_variant
 from vlbench.models.factory import build_model
 from vlbench.stages.train import accumulate, amp_dtype
@@ -25,25 +24,18 @@ def project(tmp_path_factory):
 
 
 def train(d, tag: str, fault: str | None = None, **train_params) -> subprocess.CompletedProcess:
+    """The train stage with ``train_params`` overriding params.yaml's `train` section."""
     params = yaml.safe_load((d / "params.yaml").read_text())
     params["train"].update(train_params)
     (d / f"{tag}.yaml").write_text(yaml.safe_dump(params))
-    env = env_with_venv()
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
-    env.pop("VLBENCH_FAULT", None)
-    if fault:
-        env["VLBENCH_FAULT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "vlbench", "train", "--params", f"{tag}.yaml", "--variant", "gridcap",
-         "--features", "data/features/efficientnet_lite0", "--out", f"models/{tag}", "--curves", f"metrics/{tag}.csv",
-         "--checkpoints", f"checkpoints/{tag}"], cwd=d, env=env, capture_output=True, text=True)
+    return train_gridcap(d, tag, fault, params=f"{tag}.yaml")
 
 
 def test_bf16_autocast_trains_on_cpu(project):
     for tag, precision in (("fp32", "fp32"), ("bf16", "bf16")):
         r = train(project, tag, precision=precision)
         assert r.returncode == 0, r.stderr
-    fp32, bf16 = (pd.read_csv(project / f"metrics/{tag}.csv")["loss"] for tag in ("fp32", "bf16"))
+    fp32, bf16 = (pd.read_csv(project / f"metrics/curves/{tag}.csv")["loss"] for tag in ("fp32", "bf16"))
     assert len(bf16) == STEPS and bf16.iloc[-1] < bf16.iloc[0]  # it learns
     assert bf16.iloc[0] == pytest.approx(fp32.iloc[0], rel=2e-2)  # the same loss, computed in bf16...
     assert bf16.tolist() != fp32.tolist()  # ...really in bf16: rounding shows in the curve
@@ -57,7 +49,7 @@ def test_fp16_loss_scale_goes_into_the_checkpoint(project):
     r = train(project, "fp16", precision="fp16")
     assert r.returncode == 0, r.stderr
     assert f"resuming gridcap from step 3/{STEPS}" in r.stderr
-    assert len(pd.read_csv(project / "metrics/fp16.csv")) == STEPS
+    assert len(pd.read_csv(project / "metrics/curves/fp16.csv")) == STEPS
 
 
 def test_amp_dtype():
