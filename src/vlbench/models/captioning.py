@@ -11,6 +11,7 @@ All expose ``loss(tokens, captions)`` and ``generate(tokens, decoding, generator
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import Counter
@@ -323,6 +324,31 @@ def beam_search(state, batch: int, bos, eos, beam: int, max_len: int) -> torch.T
     return ids[best]
 
 
+def hf_generate_kwargs(decoding, tokenizer, use_cache: bool) -> dict:
+    """Our decoding params as arguments of a Hugging Face LM's ``generate``."""
+    kw = dict(max_new_tokens=decoding.max_len, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, do_sample=False)
+    if decoding.strategy == "beam":
+        kw.update(num_beams=decoding.beam_size)
+    elif decoding.strategy == "nucleus":
+        kw.update(do_sample=True, top_p=decoding.top_p, temperature=decoding.temperature)
+    return kw
+
+
+@contextlib.contextmanager
+def global_rng_from(generator: torch.Generator | None):
+    """HF ``generate`` samples from torch's global RNG and takes no generator: for the call, seed
+    the global RNG from ``generator`` (one draw) and restore it afterwards, so the same generator
+    state gives the same samples, whatever else used the global RNG."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[generator.device] if generator.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 class VisionPrefixCaptioner(nn.Module):
     def __init__(self, cfg, image_dim: int, lm):
         super().__init__()
@@ -367,15 +393,9 @@ class VisionPrefixCaptioner(nn.Module):
                  use_cache: bool = True) -> list[str]:
         embeds = self.prefix_embeds(grid)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=grid.device)
-        kw = dict(max_new_tokens=decoding.max_len, eos_token_id=self.tokenizer.eos_token_id,
-                  pad_token_id=self.tokenizer.pad_token_id, use_cache=use_cache)
-        if decoding.strategy == "beam":
-            kw.update(num_beams=decoding.beam_size, do_sample=False)
-        elif decoding.strategy == "nucleus":
-            kw.update(do_sample=True, top_p=decoding.top_p, temperature=decoding.temperature)
-        else:
-            kw.update(do_sample=False)
-        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **kw)
+        with global_rng_from(generator):
+            out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask,
+                                   **hf_generate_kwargs(decoding, self.tokenizer, use_cache))
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

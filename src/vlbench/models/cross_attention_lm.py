@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .captioning import _merge_heads, _pad, _split_heads
+from .captioning import _merge_heads, _pad, _split_heads, global_rng_from, hf_generate_kwargs
 
 
 class GatedCrossAttention(nn.Module):
@@ -129,20 +129,12 @@ class CrossAttentionLMCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> list[str]:
-        """HF generate from the start token; sampling draws from torch's global RNG (seeded by the
-        stage), as HF generate takes no generator."""
+        """HF generate from the start token (sampling seeded from ``generator``)."""
         beams = decoding.beam_size if decoding.strategy == "beam" else 1
         start = torch.full((len(grid), 1), self.start_id, dtype=torch.long, device=grid.device)
-        kw = dict(max_new_tokens=decoding.max_len, eos_token_id=self.tokenizer.eos_token_id,
-                  pad_token_id=self.tokenizer.pad_token_id, use_cache=use_cache)
-        if decoding.strategy == "beam":
-            kw.update(num_beams=beams, do_sample=False)
-        elif decoding.strategy == "nucleus":
-            kw.update(do_sample=True, top_p=decoding.top_p, temperature=decoding.temperature)
-        else:
-            kw.update(do_sample=False)
+        kw = hf_generate_kwargs(decoding, self.tokenizer, use_cache)
         # generate expands each row num_beams times, item-major: expand the vision tokens alike
-        with self.attending(self.vision(grid).repeat_interleave(beams, 0)):
+        with self.attending(self.vision(grid).repeat_interleave(beams, 0)), global_rng_from(generator):
             out = self.lm.generate(input_ids=start, attention_mask=torch.ones_like(start), **kw)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
 
