@@ -13,7 +13,8 @@ Two pairs:
 * vision-prefix captioner vs `transformers.VisionEncoderDecoderModel`, both on one frozen ViT-S/16
   and one DistilGPT2-sized GPT-2 (random weights: neither is obtainable offline; speed does not
   depend on the weights), the LM frozen and only the new parts trained (our prefix MLP and [SEP];
-  their cross-attention layers).
+  their cross-attention layers); ours with one prefix token per ViT token (197) and with
+  ClipCap's `prefix_length: 10`.
 
 Ours trains on cached image features (and cached text features when the text encoder is frozen),
 as the pipeline does; the one-off cost of computing them is measured and shown beside the step
@@ -172,13 +173,16 @@ def prefix_pair(paths, captions, a, device, rows: list) -> None:
     pixels = preload(paths, 224, encoder.mean, encoder.std)
 
     lm, tok = gpt2_lm(6, 768, 12)  # DistilGPT2's shape
-    cfg = build_variant("bench", {"family": "captioning", "model": "vision_prefix", "image_encoder": "timm/vit_small_patch16_224",
-                                  "language_model": "hf/distilgpt2"})
     decoder_state = lm.state_dict()
     registry.ONLINE["lm"]["hf/"] = lambda repo: registry.LanguageModel(lm, tok, 768)  # stands in for the hub
-    ours = build_model(cfg, feats.shape[2], feats.shape[1]).to(device).train()
-    step = make_step(ours, cfg, captions, None, Tensors(feats), device)
-    ours_sps = steps_per_second(step, ours.parameters(), len(paths), a.batch_size_captioning, a.steps)
+    ours_sps = {}
+    for prefix_length in (None, 10):  # one prefix token per ViT token (197), or ClipCap's 10
+        cfg = build_variant("bench", {"family": "captioning", "model": "vision_prefix", "language_model": "hf/distilgpt2",
+                                      "image_encoder": "timm/vit_small_patch16_224", "prefix_length": prefix_length})
+        torch.manual_seed(0)
+        ours = build_model(cfg, feats.shape[2], feats.shape[1]).to(device).train()
+        step = make_step(ours, cfg, captions, None, Tensors(feats), device)
+        ours_sps[prefix_length] = steps_per_second(step, ours.parameters(), len(paths), a.batch_size_captioning, a.steps)
 
     decoder = GPT2LMHeadModel(lm.config.__class__(**{**lm.config.to_dict(), "add_cross_attention": True, "is_decoder": True}))
     decoder.load_state_dict(decoder_state, strict=False)  # same LM weights; the cross-attention is new
@@ -195,7 +199,9 @@ def prefix_pair(paths, captions, a, device, rows: list) -> None:
         return plain(pixel_values=pixels[idx].to(device), labels=labels).loss
 
     plain_sps = steps_per_second(plain_step, plain.parameters(), len(paths), a.batch_size_captioning, a.steps)
-    rows.append(("vision-prefix captioner", "VisionEncoderDecoderModel", ours_sps, plain_sps, t_feats, a.batch_size_captioning))
+    for prefix_length, sps in ours_sps.items():
+        what = f"vision-prefix captioner, {prefix_length or feats.shape[1]} prefix tokens"
+        rows.append((what, "VisionEncoderDecoderModel", sps, plain_sps, t_feats, a.batch_size_captioning))
 
 
 def main() -> None:

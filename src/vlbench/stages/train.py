@@ -83,7 +83,8 @@ class TextCache:
         keep_tokens = model.reranker is not None
         pad_to = model.cfg.max_text_len if keep_tokens else None
         pooled, tokens, masks = [], [], []
-        for s in tqdm(range(0, len(flat), batch_size), desc="text features", unit="batch"):
+        quiet = distributed.from_env().rank != 0  # one bar per job, not one per rank
+        for s in tqdm(range(0, len(flat), batch_size), desc="text features", unit="batch", disable=quiet):
             t, m = model.text_tokens(flat[s : s + batch_size], device, pad_to=pad_to)
             pooled.append(model.pool_text(t, m).cpu())
             if keep_tokens:
