@@ -108,6 +108,7 @@ def test_cross_attention_lm_starts_as_the_unchanged_lm_and_round_trips(lm, batch
 
     saved = model.trainable_state_dict()
     assert saved and not any(k.startswith("lm.") for k in saved)
+    assert "start" in saved  # the trained start embedding (initialised to the BOS embedding)
     save_trained(model, tmp_path, "t", raw, {"image_dim": grid.shape[2], "n_grid": grid.shape[1]})
     again, _, _ = load_trained(tmp_path)
     with torch.no_grad():

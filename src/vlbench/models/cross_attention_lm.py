@@ -4,8 +4,8 @@ cross-attention blocks run before every n-th decoder layer.
 Each block: LayerNorm(hidden) -> multi-head attention (queries from the LM hidden states, keys and
 values from the projected vision tokens) -> dropout -> x tanh(gate), added to the hidden states.
 The gate starts at 0, so at init the LM computes exactly what it computed before; training opens
-it. The LM's self-attention and MLPs stay frozen: only the blocks and the vision projection train
-(and are saved).
+it. The LM's self-attention and MLPs stay frozen: only the blocks, the vision projection and the
+start token's input embedding train (and are saved).
 
 The blocks run as forward pre-hooks of the LM's decoder layers, so the LM's module tree (which HF
 code inspects) is untouched. The vision tokens reach them through ``attending(vision)``: set on
@@ -84,8 +84,11 @@ class CrossAttentionLMCaptioner(nn.Module):
         self.blocks = nn.ModuleList(GatedCrossAttention(lm.dim, cfg.heads, cfg.dropout) for _ in chosen)
         for i, block in zip(chosen, self.blocks):
             layers[i].register_forward_pre_hook(_prepend(block), with_kwargs=True)
-        # the caption follows a start token (BOS, or EOS for LMs without one: GPT-2 style)
+        # The caption follows a start token (BOS, or EOS for LMs without one: GPT-2 style) whose
+        # input embedding is trained: an instruct LM's BOS (SmolLM2's <|im_start|>) expects a chat
+        # role next, and the frozen LM alone would open every caption with that guess.
         self.start_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        self.start = nn.Parameter(self.lm.get_input_embeddings().weight[self.start_id].detach().clone().view(1, 1, -1))
 
     def vision(self, grid: torch.Tensor) -> torch.Tensor:
         return self.vision_proj(grid.float()) + self.vision_pos
@@ -115,28 +118,34 @@ class CrossAttentionLMCaptioner(nn.Module):
         """The training loss (DDP's entry point: it synchronises gradients of what forward computes)."""
         return self.loss(grid, captions)
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """LM input embeddings of [start, caption...] ids, the start's being the trained one."""
+        rest = self.lm.get_input_embeddings()(ids[:, 1:])
+        return torch.cat([self.start.expand(len(ids), -1, -1).to(rest.dtype), rest], 1)
+
     def loss(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
         ids, mask, labels = self.tokenize(captions, grid.device)
         with self.attending(self.vision(grid)):
-            return self.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+            return self.lm(inputs_embeds=self.embed(ids), attention_mask=mask, labels=labels).loss
 
     def logits(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Teacher-forced next-token logits [B, T, V] for the tokenised captions."""
         ids, mask, _ = self.tokenize(captions, grid.device)
         with self.attending(self.vision(grid)):
-            return self.lm(input_ids=ids, attention_mask=mask).logits
+            return self.lm(inputs_embeds=self.embed(ids), attention_mask=mask).logits
 
     @torch.no_grad()
     def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> list[str]:
         """HF generate from the start token (sampling seeded from ``generator``)."""
         beams = decoding.beam_size if decoding.strategy == "beam" else 1
-        start = torch.full((len(grid), 1), self.start_id, dtype=torch.long, device=grid.device)
+        start = self.start.expand(len(grid), -1, -1)
+        mask = torch.ones(start.shape[:2], dtype=torch.long, device=grid.device)
         kw = hf_generate_kwargs(decoding, self.tokenizer, use_cache)
         # generate expands each row num_beams times, item-major: expand the vision tokens alike
         with self.attending(self.vision(grid).repeat_interleave(beams, 0)), global_rng_from(generator):
-            out = self.lm.generate(input_ids=start, attention_mask=torch.ones_like(start), **kw)
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
+            out = self.lm.generate(inputs_embeds=start, attention_mask=mask, **kw)  # -> the new tokens only
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
