@@ -127,3 +127,32 @@ def test_nucleus_sampling_follows_the_given_generator(model_name, options, batch
     torch.manual_seed(7)
     sample(1, global_seed=7)
     assert torch.equal(torch.rand(1), before)  # the global RNG is left as it was
+
+
+def test_gate_lr_scale_is_the_gate_at_a_k_times_larger_step(batch, monkeypatch):
+    """tanh(k * gate): the same function as a k-times-larger gate value, so under Adam (a step of
+    about lr whatever the gradient) the gate learns k times faster; zero still means closed."""
+    from vlbench.config import ParamError
+    from vlbench.models.factory import build_model
+
+    monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())
+    grid, captions = batch
+    grid, captions = grid[:3], captions[:3]
+    raw = {"family": "captioning", "model": "cross_attention_lm", "image_encoder": "efficientnet_lite0",
+           "language_model": "hf/gpt2", "every_n_layers": 1, "dropout": 0.0}
+    models = {}
+    for k in (1.0, 10.0):
+        torch.manual_seed(0)
+        models[k] = build_model(build_variant("t", {**raw, "gate_lr_scale": k}), grid.shape[2], grid.shape[1]).eval()
+    with torch.no_grad():
+        closed = [m.logits(grid, captions) for m in models.values()]
+        assert torch.equal(closed[0], closed[1])
+        for block in models[1.0].blocks:
+            block.gate.fill_(0.5)
+        for block in models[10.0].blocks:
+            block.gate.fill_(0.05)
+        a, b = (m.logits(grid, captions) for m in models.values())
+    assert not torch.allclose(a, closed[0], atol=1e-3)
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ParamError, match="gate_lr_scale"):
+        build_variant("t", {**raw, "gate_lr_scale": 0})

@@ -353,6 +353,9 @@ class CrossAttentionLMConfig:
     language_model: str = "smollm2_135m"
     every_n_layers: int = 2
     heads: int = 8  # cross-attention heads; must divide the LM's hidden size
+    # The zero-init gates learn this many times faster than the other weights: at lr 1e-3 Adam
+    # keeps a gate under ~0.1 for the first hundred steps, and a closed gate shows no image.
+    gate_lr_scale: float = 1.0
     dropout: float = 0.1
     max_len: int = 40  # LM tokens (subwords), caption + EOS
     caption_sampling: Literal["random", "all"] = "random"
@@ -360,7 +363,7 @@ class CrossAttentionLMConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=16, steps=150))
 
     def check(self, p):
-        positive(p, self, "every_n_layers", "heads", "max_len")
+        positive(p, self, "every_n_layers", "heads", "max_len", "gate_lr_scale")
         in_range(p, self, "dropout", 0.0, 0.9)
         from .models.registry import check_image_encoder, check_language_model
 

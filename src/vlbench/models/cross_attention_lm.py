@@ -24,9 +24,9 @@ from .captioning import _merge_heads, _pad, _split_heads, global_rng_from, hf_ge
 
 
 class GatedCrossAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, gate_lr_scale: float = 1.0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.gate_lr_scale = heads, gate_lr_scale
         self.norm = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -47,7 +47,9 @@ class GatedCrossAttention(nn.Module):
             raise RuntimeError(f"vision tokens for {keys.shape[0]} rows, LM batch has {hidden.shape[0]}")
         q = _split_heads(self.q(self.norm(hidden)), self.heads)
         attended = _merge_heads(F.scaled_dot_product_attention(q, keys, values))
-        return hidden + torch.tanh(self.gate) * self.dropout(self.out(attended))
+        # Adam moves a parameter by about lr per step whatever its gradient's size, so tanh(k * gate)
+        # is the gate trained at k times the learning rate: short runs can open it.
+        return hidden + torch.tanh(self.gate_lr_scale * self.gate) * self.dropout(self.out(attended))
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
@@ -81,7 +83,7 @@ class CrossAttentionLMCaptioner(nn.Module):
         self.vision_pos = nn.Parameter(torch.randn(1, n_grid, lm.dim) * 0.02)
         layers = decoder_layers(self.lm)
         chosen = range(0, len(layers), cfg.every_n_layers)
-        self.blocks = nn.ModuleList(GatedCrossAttention(lm.dim, cfg.heads, cfg.dropout) for _ in chosen)
+        self.blocks = nn.ModuleList(GatedCrossAttention(lm.dim, cfg.heads, cfg.dropout, cfg.gate_lr_scale) for _ in chosen)
         for i, block in zip(chosen, self.blocks):
             layers[i].register_forward_pre_hook(_prepend(block), with_kwargs=True)
         # The caption follows a start token (BOS, or EOS for LMs without one: GPT-2 style) whose
