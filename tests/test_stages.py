@@ -75,12 +75,12 @@ def test_flickr8k_original_layout(tmp_path):
     r = run_cli(["download", "--out", "data/raw"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "data/raw/report.json").read_text())
-    assert report["images"] == 6000 and report["captions"] == 30000 and report["broken_images"] == 0
+    assert report["images"] == 8000 and report["captions"] == 40000 and report["broken_images"] == 0
     assert report["layout"] == "flickr8k" and report["split_source"] == "flickr8k_split_files"
-    assert report["captions_per_image"] == {"5": 6000} and report["missing_images"] == 0
+    assert report["captions_per_image"] == {"5": 8000} and report["missing_images"] == 0
     r = run_cli(["split", "--raw", "data/raw", "--out", "data/splits"], cwd=tmp_path)
     counts = json.loads((tmp_path / "data/splits/counts.json").read_text())
-    assert counts == {"train": 4000, "val": 1000, "test": 1000}
+    assert counts == {"train": 6000, "val": 1000, "test": 1000}
     test = pd.read_parquet(tmp_path / "data/splits/test.parquet")
     assert all(len(c) == 5 for c in test["captions"])
 
