@@ -18,8 +18,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from vlbench.models.factory import load_trained
-from vlbench.stages.features import load_features
+from vlbench.image_features import load_features
+from vlbench.models.trained import load_trained
 
 
 def timed(fn):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from vlbench.image_features import encode_paths
 from vlbench.models.registry import create_image_encoder
 from vlbench.runtime import load_image, pick_device, to_tensor
-from vlbench.stages.features import encode_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 

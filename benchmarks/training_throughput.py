@@ -34,12 +34,11 @@ import numpy as np
 import torch
 import yaml
 
-from vlbench.config import build_variant
-from vlbench.models import registry
-from vlbench.models.factory import build_model
+from vlbench.image_features import encode_paths
+from vlbench.models import components, registry
+from vlbench.models.variants import build_variant, create_variant_model
 from vlbench.runtime import load_image, pick_device, to_tensor
-from vlbench.stages.features import encode_paths
-from vlbench.stages.train import TextCache, make_step
+from vlbench.training import TextCache, make_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +118,7 @@ def dual_encoder_pair(paths, captions, a, device, rows: list) -> None:
     for tuning in ("frozen", "full"):
         cfg = build_variant("bench", {**raw, "text_tuning": tuning})
         torch.manual_seed(0)
-        ours = build_model(cfg, feats.shape[2], feats.shape[1]).to(device).train()
+        ours = create_variant_model(cfg, feats.shape[2], feats.shape[1]).to(device).train()
         t0 = time.perf_counter()
         cache = TextCache(ours, captions, device) if tuning == "frozen" else None
         t_once = t_feats + (time.perf_counter() - t0)
@@ -150,14 +149,14 @@ def prefix_pair(paths, captions, a, device, rows: list) -> None:
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
-    encoder = registry.ImageEncoder(vit, vit.num_features, "timm")
+    encoder = components.ImageEncoder(vit, vit.num_features, "timm")
     t0 = time.perf_counter()
     feats = encode_paths(encoder, paths, 224, 16, device, desc="our ViT features")
     t_feats = time.perf_counter() - t0
     pixels = preload(paths, 224, encoder.mean, encoder.std)
 
     torch.manual_seed(0)
-    gpt2 = registry.random_gpt2(6, 768, 12)  # DistilGPT2's shape
+    gpt2 = components.random_gpt2(6, 768, 12)  # DistilGPT2's shape
     lm, tok = gpt2.model, gpt2.tokenizer
     decoder_state = lm.state_dict()
     registry.ONLINE["lm"]["hf/"] = lambda repo: gpt2  # stands in for the hub
@@ -166,7 +165,7 @@ def prefix_pair(paths, captions, a, device, rows: list) -> None:
         cfg = build_variant("bench", {"family": "captioning", "model": "vision_prefix", "language_model": "hf/distilgpt2",
                                       "image_encoder": "timm/vit_small_patch16_224", "prefix_length": prefix_length})
         torch.manual_seed(0)
-        ours = build_model(cfg, feats.shape[2], feats.shape[1]).to(device).train()
+        ours = create_variant_model(cfg, feats.shape[2], feats.shape[1]).to(device).train()
         step = make_step(ours, cfg, captions, None, Tensors(feats), device)
         ours_sps[prefix_length] = steps_per_second(step, ours.parameters(), len(paths), a.batch_size_captioning, a.steps)
 

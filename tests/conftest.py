@@ -109,15 +109,14 @@ def trained_grid_captioner(batch):
     """A tiny grid transformer trained 30 steps on ``batch``: decoding tests need a peaked model."""
     import torch
 
-    from vlbench.config import build_variant
-    from vlbench.models.captioning import Vocabulary
-    from vlbench.models.factory import build_model
+    from vlbench.models.tokenizers import Vocabulary
+    from vlbench.models.variants import build_variant, create_variant_model
 
     torch.manual_seed(0)
     grid, captions = batch
     cfg = build_variant("t", {"family": "captioning", "model": "grid_transformer", "image_encoder": "efficientnet_lite0",
                               **TINY_GRID})
-    model = build_model(cfg, grid.shape[2], grid.shape[1], Vocabulary.build(captions).itos)
+    model = create_variant_model(cfg, grid.shape[2], grid.shape[1], Vocabulary.build(captions).itos)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(30):
         loss = model.loss(grid, captions)

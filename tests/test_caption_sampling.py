@@ -1,8 +1,9 @@
 """`caption_sampling`: one random caption per sampled image, or all of them."""
 import pytest
 
-from vlbench.config import ParamError, build_variant
-from vlbench.stages.train import Batches
+from vlbench.errors import ParamError
+from vlbench.models.variants import build_variant
+from vlbench.training import Batches
 
 CAPTIONS = [[f"image {i} caption {j}" for j in range(3 + i % 3)] for i in range(10)]  # 3 to 5 captions each
 

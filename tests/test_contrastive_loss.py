@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from vlbench.config import build_variant
-from vlbench.models.alignment import contrastive_loss
-from vlbench.models.factory import build_model
+from vlbench.models.dual_encoder import contrastive_loss
+from vlbench.models.variants import build_variant, create_variant_model
 
 
 def test_matched_orthogonal_pairs():
@@ -33,7 +32,7 @@ def test_temperature_scales_logits_and_is_clamped():
     assert contrastive_loss(eye, eye, torch.tensor(10.0)).item() == pytest.approx(expected, rel=1e-3)  # float32
     cfg = build_variant("t", {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0",
                               "init_temperature": 0.07})
-    model = build_model(cfg, 8, 1)
+    model = create_variant_model(cfg, 8, 1)
     assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)  # e^10 >> 100

@@ -19,8 +19,9 @@ import yaml
 from PIL import Image
 
 from conftest import run_cli, tiny_params
-from vlbench.config import ParamError, validate_all
 from vlbench.data import fetch
+from vlbench.errors import ParamError
+from vlbench.validation import validate_all
 from vlbench.runtime import load_image
 
 COLOURS = [(200, 30, 30), (30, 160, 40), (30, 60, 200), (220, 200, 40), (120, 40, 160), (240, 130, 20)]

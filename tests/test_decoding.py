@@ -3,8 +3,11 @@ encodings, and the cross-attention LM's zero-gate start and save/load."""
 import pytest
 import torch
 
-from vlbench.config import DecodingConfig, build_variant
-from vlbench.models.captioning import BOS, CachedDecoding, FullDecoding, apply_rope_2d, rope_2d_tables, sincos_2d
+from vlbench.config import DecodingConfig
+from vlbench.models.decoding import CachedDecoding, FullDecoding
+from vlbench.models.positions import apply_rope_2d, rope_2d_tables, sincos_2d
+from vlbench.models.tokenizers import BOS
+from vlbench.models.variants import build_variant
 
 DECODINGS = {
     "greedy": DecodingConfig(strategy="greedy", max_len=20),
@@ -79,7 +82,7 @@ def lm():
 
 def test_cross_attention_lm_starts_as_the_unchanged_lm_and_round_trips(lm, batch, tmp_path):
     from vlbench.models.cross_attention_lm import CrossAttentionLMCaptioner
-    from vlbench.models.factory import load_trained, save_trained
+    from vlbench.models.trained import load_trained, save_trained
 
     grid, captions = batch
     grid, captions = grid[:4], captions[:4]
@@ -118,8 +121,9 @@ def test_cross_attention_lm_starts_as_the_unchanged_lm_and_round_trips(lm, batch
 
 
 def test_gpt2_bpe_vocabulary_round_trips_any_text_and_reloads(tmp_path, batch):
-    from vlbench.models.captioning import EOS, UNK, BPEVocabulary
-    from vlbench.models.factory import build_model, load_trained, save_trained
+    from vlbench.models.tokenizers import EOS, UNK, BPEVocabulary
+    from vlbench.models.trained import load_trained, save_trained
+    from vlbench.models.variants import create_variant_model
 
     vocab = BPEVocabulary()
     assert len(vocab) == 4 + 50257
@@ -132,7 +136,7 @@ def test_gpt2_bpe_vocabulary_round_trips_any_text_and_reloads(tmp_path, batch):
     grid, _ = batch
     raw = {"family": "captioning", "model": "grid_transformer", "image_encoder": "efficientnet_lite0",
            "tokenizer": "gpt2_bpe", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "heads": 4}
-    model = build_model(build_variant("t", raw), grid.shape[2], grid.shape[1]).eval()
+    model = create_variant_model(build_variant("t", raw), grid.shape[2], grid.shape[1]).eval()
     save_trained(model, tmp_path, "t", raw, {"image_dim": grid.shape[2], "n_grid": grid.shape[1]})
     again, _, meta = load_trained(tmp_path)
     assert "vocab" not in meta  # nothing to store: the vocabulary is GPT-2's

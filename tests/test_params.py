@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_params
-from vlbench.config import ParamError, validate_all
+from vlbench.errors import ParamError
+from vlbench.validation import validate_all
 
 
 def edit(path: str, value):

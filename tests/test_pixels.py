@@ -7,8 +7,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_params
-from vlbench.config import ParamError, build_variant, validate_all
-from vlbench.models.factory import build_model
+from vlbench.errors import ParamError
+from vlbench.models.variants import build_variant, create_variant_model
+from vlbench.validation import validate_all
 
 PIXEL = {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0", "image_size": 64,
          "image_tuning": "lora", "image_lora": {"r": 4, "alpha": 8, "target_modules": ["conv_pwl"]},
@@ -19,7 +20,7 @@ def test_image_tuning_modes_train_what_they_say():
     counts = {}
     for tuning in ("frozen", "lora", "full"):
         cfg = build_variant("t", {**PIXEL, "image_tuning": tuning}, "pixel_variants")
-        model = build_model(cfg, 1280, 4, pixels=True)
+        model = create_variant_model(cfg, 1280, 4, pixels=True)
         counts[tuning] = sum(p.numel() for p in model.image_encoder.parameters() if p.requires_grad)
         keys = model.trainable_state_dict().keys()
         encoder_keys = [k for k in keys if k.startswith("image_encoder.")]
@@ -72,7 +73,7 @@ def test_pixel_variant_trains_and_evaluates_without_features(pixel_project):
 
 
 def test_pixel_variant_reloads_and_searches(pixel_project):
-    from vlbench.models.factory import load_trained
+    from vlbench.models.trained import load_trained
 
     model, cfg, _ = load_trained(pixel_project / "models/clip_px")
     assert model.image_encoder is not None and cfg.image_tuning == "lora"

@@ -72,7 +72,7 @@ def test_reranked_variant_reports_both_recalls_and_its_cost(reranked_project):
     assert "clip_rr + cross-attention re-rank of top-5" in summary
     assert "random projections" in summary and "vs random projections" in summary
     # the saved model holds the re-ranker, and reloads with it
-    from vlbench.models.factory import load_trained
+    from vlbench.models.trained import load_trained
 
     model, cfg, _ = load_trained(reranked_project / "models/clip_rr")
     assert model.reranker is not None and cfg.reranker.top_k == 5

@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from conftest import FLICKR8K, run_cli, tiny_params
-from vlbench.config import ParamError
+from vlbench.errors import ParamError
 from vlbench.data import shapes
 
 

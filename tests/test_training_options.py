@@ -9,9 +9,8 @@ import torch
 import yaml
 
 from conftest import prepare_features, run_cli, tiny_params, train_gridcap
-from vlbench.config import build_variant
-from vlbench.models.factory import build_model
-from vlbench.stages.train import accumulate, amp_dtype
+from vlbench.models.variants import build_variant, create_variant_model
+from vlbench.training import accumulate, amp_dtype
 
 STEPS = 8
 
@@ -67,7 +66,7 @@ def test_accumulation_gives_the_full_batch_gradients(micro_steps):
                                 "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "heads": 4, "dropout": 0.0})
     vocab = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "red", "blue", "green", "circle", "square", "star"]
     torch.manual_seed(0)
-    model = build_model(cfg, image_dim=16, n_grid=4, vocab=vocab)
+    model = create_variant_model(cfg, image_dim=16, n_grid=4, vocab=vocab)
     grids = torch.randn(6, 4, 16)
     captions = ["a red circle", "a blue square", "a green star", "a red star", "a blue circle", "a green square"]
 

@@ -1,37 +1,54 @@
 """Every registered variant model trains a few steps on real cached features and its loss falls;
-decoding behaves (beam 1 == greedy, seeded sampling repeats)."""
+it follows its family's protocol; decoding behaves (beam 1 == greedy, seeded sampling repeats).
+
+The cases come from the registry: a newly registered model runs here with its default options,
+and fails until TINY gives it small sizes."""
 import numpy as np
 import pytest
 import torch
 
 from conftest import TINY_GRID
-from vlbench.config import VARIANT_MODELS, DecodingConfig, build_variant
-from vlbench.models.factory import build_model
+from vlbench.config import DecodingConfig
+from vlbench.errors import ParamError
+from vlbench.models.protocols import FAMILIES
+from vlbench.models.variants import build_variant, create_variant_model, prepare_variant, variant_models
 
-TINY = {
-    "dual_encoder": {"family": "alignment", "embed_dim": 64},
-    "grid_transformer": {"family": "captioning", **TINY_GRID},
-    "vision_prefix": {"family": "captioning", "prefix_hidden": 64},
-    "cross_attention_lm": {"family": "captioning", "every_n_layers": 3, "max_len": 16},  # truncated captions: a cheaper LM pass
+MODELS = list(variant_models())
+TINY = {  # per model: sizes that train in seconds
+    "dual_encoder": {"embed_dim": 64},
+    "grid_transformer": TINY_GRID,
+    "vision_prefix": {"prefix_hidden": 64},
+    "cross_attention_lm": {"every_n_layers": 3, "max_len": 16},  # truncated captions: a cheaper LM pass
 }
-# every registered model, and the options that change its structure
-CASES = {
-    "dual_encoder-frozen-mean-mlp": ("dual_encoder", {}),
-    "dual_encoder-full-cls-linear": ("dual_encoder", {"text_tuning": "full", "text_pooling": "cls", "head": "linear"}),
-    "dual_encoder-lora": ("dual_encoder", {"text_tuning": "lora", "lora": {"r": 4, "alpha": 8}}),
-    "dual_encoder-reranker": ("dual_encoder", {"reranker": {"top_k": 4, "d_model": 64, "layers": 1}}),
-    "dual_encoder-longformer": ("dual_encoder", {"text_encoder": "longformer_minilm", "attention_window": 8, "text_pooling": "cls"}),
-    "grid_transformer": ("grid_transformer", {}),
-    "grid_transformer-sinusoidal_2d": ("grid_transformer", {"grid_positions": "sinusoidal_2d"}),
-    "grid_transformer-rope": ("grid_transformer", {"grid_positions": "rope"}),
-    "grid_transformer-gpt2_bpe": ("grid_transformer", {"tokenizer": "gpt2_bpe"}),
-    "cross_attention_lm": ("cross_attention_lm", {}),
-    "vision_prefix": ("vision_prefix", {}),
+OPTIONS = {  # per model: the options that change its structure (each model also runs with none)
+    "dual_encoder": {
+        "full-cls-linear": {"text_tuning": "full", "text_pooling": "cls", "head": "linear"},
+        "lora": {"text_tuning": "lora", "lora": {"r": 4, "alpha": 8}},
+        "reranker": {"reranker": {"top_k": 4, "d_model": 64, "layers": 1}},
+        "longformer": {"text_encoder": "longformer_minilm", "attention_window": 8, "text_pooling": "cls"},
+    },
+    "grid_transformer": {
+        "sinusoidal_2d": {"grid_positions": "sinusoidal_2d"},
+        "rope": {"grid_positions": "rope"},
+        "gpt2_bpe": {"tokenizer": "gpt2_bpe"},
+    },
 }
+CASES = {m: (m, {}) for m in MODELS} | {f"{m}-{k}": (m, o) for m, opts in OPTIONS.items() for k, o in opts.items()}
 
 
-def test_registry_covers_every_model():
-    assert set(TINY) == set(VARIANT_MODELS) == {m for m, _ in CASES.values()}
+def test_test_tables_name_registered_models_only():
+    assert set(TINY) | set(OPTIONS) <= set(MODELS)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_family_follows_from_the_model(model_name):
+    family = variant_models()[model_name].family
+    raw = {"model": model_name, "image_encoder": "efficientnet_lite0"}
+    assert build_variant("t", raw).family == family  # params.yaml may leave it out
+    assert build_variant("t", {**raw, "family": family}).family == family
+    other = next(f for f in FAMILIES if f != family)
+    with pytest.raises(ParamError, match=rf"^variants\.t\.family: '{other}' is not one of: {family}$"):
+        build_variant("t", {**raw, "family": other})
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -39,13 +56,11 @@ def test_variant_loss_falls(case, batch):
     torch.manual_seed(0)
     grid, captions = batch
     model_name, options = CASES[case]
+    assert model_name in TINY, f"{model_name} is registered but has no test sizes: add it to TINY (and OPTIONS)"
     cfg = build_variant("t", {"model": model_name, "image_encoder": "efficientnet_lite0", **TINY[model_name], **options})
-    vocab = None
-    if model_name == "grid_transformer" and options.get("tokenizer") != "gpt2_bpe":
-        from vlbench.models.captioning import Vocabulary
-
-        vocab = Vocabulary.build(captions).itos
-    model = build_model(cfg, grid.shape[2], grid.shape[1], vocab)
+    vocab = prepare_variant(cfg, captions).get("vocab")
+    model = create_variant_model(cfg, grid.shape[2], grid.shape[1], vocab)
+    assert isinstance(model, FAMILIES[cfg.family])  # what stages may call on it
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4 if options.get("text_tuning") == "full" else 3e-3)  # full fine-tuning diverges at 3e-3
     if cfg.family == "alignment":
@@ -82,12 +97,12 @@ def test_beam_width_one_equals_greedy(trained_grid_captioner):
 
 
 def test_beam_search_never_scores_below_greedy(trained_grid_captioner):
-    from vlbench.models.captioning import BOS, PAD, _pad
+    from vlbench.models.tokenizers import BOS, PAD, pad_sequences
 
     model, grid = trained_grid_captioner
 
     def logprob(captions):
-        ids = _pad([model.vocab.encode(c, 24) for c in captions], PAD)
+        ids = pad_sequences([model.vocab.encode(c, 24) for c in captions], PAD)
         with torch.no_grad():
             logp = model.logits(model.encode(grid), ids[:, :-1]).log_softmax(-1)
         tok = ids[:, 1:]
@@ -111,14 +126,14 @@ def test_nucleus_sampling_is_seeded(trained_grid_captioner):
 
 def test_text_tuning_modes_train_what_they_say_and_round_trip(tmp_path, batch):
     """frozen < lora < full in trainable parameters; a saved LoRA variant reloads to the same embeddings."""
-    from vlbench.models.factory import load_trained, save_trained
+    from vlbench.models.trained import load_trained, save_trained
 
     grid, captions = batch
     counts, models = {}, {}
     for tuning in ("frozen", "lora", "full"):
         raw = {"model": "dual_encoder", "family": "alignment", "image_encoder": "efficientnet_lite0", "text_tuning": tuning}
         cfg = build_variant("t", raw)
-        model = build_model(cfg, grid.shape[2], grid.shape[1])
+        model = create_variant_model(cfg, grid.shape[2], grid.shape[1])
         counts[tuning] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         models[tuning] = (model, raw)
     assert counts["frozen"] < counts["lora"] < counts["full"]

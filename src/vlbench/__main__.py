@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"vlbench: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from .config import ParamError
+    from .errors import ParamError
 
     module = importlib.import_module(COMMANDS[argv[0]][0])
     try:

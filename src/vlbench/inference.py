@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models.factory import load_trained
+from .models.trained import load_trained
+from .models.protocols import AlignmentModel, CaptioningModel
 from .models.registry import create_image_encoder
 from .runtime import load_image, pick_device, to_tensor
 
@@ -56,6 +57,8 @@ class _Trained:
 
 
 class Captioner(_Trained):
+    model: CaptioningModel
+
     def caption(self, paths: list[str], decoding=None, seed: int = 0) -> list[str]:
         """One caption per path; raises ImageError for an unreadable one (see caption_each)."""
         images = [read_image(p, self.image_size) for p in paths]
@@ -92,6 +95,8 @@ class Captioner(_Trained):
 class Searcher(_Trained):
     """Text -> images over an index of images (the test split by default): their cached features,
     or, for a variant that tuned its image encoder (``pixel_variants``), the image files."""
+
+    model: AlignmentModel
 
     @torch.no_grad()
     def index(self, features: np.ndarray | None, paths: list[str], batch_size: int = 64) -> None:

@@ -11,11 +11,71 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import ParamError
+
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def available_devices() -> list[str]:
+    """The devices this process can use: cpu, cuda:0..N-1, mps."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def missing_device(name: str) -> str | None:
+    """Why device ``name`` (auto, cpu, cuda, cuda:N, mps, mps:0) is not usable here, or None when it is."""
+    if name in ("auto", "cpu"):
+        return None
+    kind, colon, index = name.partition(":")
+    if kind not in ("cuda", "mps") or (colon and not index.isdigit()):
+        return f"{name!r} is not auto, cpu, cuda[:N] or mps"
+    have = available_devices()
+    wanted = f"cuda:{int(index or 0)}" if kind == "cuda" else ("mps" if int(index or 0) == 0 else name)
+    if wanted in have:
+        return None
+    return f"{name!r} is not available on this machine (available: {', '.join(have)})"
+
+
+_TORCH_DEFAULT_THREADS: int | None = None  # torch's own choice, before configure_threads changed it
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Set torch's CPU threads for this process and return the count (called by every torch-using
+    stage and command before any work).
+
+    ``OMP_NUM_THREADS`` set in the environment wins (torch has read it already; left alone).
+    Else ``threads`` > 0 (params ``train.threads``) is used as given. Else (auto) the cores this
+    process may use (``os.sched_getaffinity``; at most torch's default, which counts physical
+    cores) divided by ``VLBENCH_JOBS``, the number of jobs sharing them (default 1), at least 1:
+    two jobs on two cores each take one thread, not two threads each that spin against each other
+    (``benchmarks/concurrent_jobs.py``)."""
+    global _TORCH_DEFAULT_THREADS
+    if _TORCH_DEFAULT_THREADS is None:
+        _TORCH_DEFAULT_THREADS = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    if threads <= 0:
+        raw = os.environ.get("VLBENCH_JOBS", "").strip() or "1"
+        try:
+            jobs = int(raw)
+        except ValueError:
+            jobs = 0
+        if jobs < 1:
+            raise ParamError(f"VLBENCH_JOBS: expected the number of concurrent jobs (an integer >= 1), got {raw!r}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, min(cores, _TORCH_DEFAULT_THREADS) // jobs)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def seed_everything(seed: int) -> None:

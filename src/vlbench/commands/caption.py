@@ -25,7 +25,9 @@ def main(argv=None):
     if not (a.variant or a.model):
         ap.error("give --variant or --model")
     from ..inference import Captioner
+    from ..runtime import configure_threads
 
+    configure_threads()  # VLBENCH_JOBS: jobs sharing the cores
     cap = Captioner.from_run(a.model, a.variant)
     if cap.cfg.family != "captioning":
         ap.error(f"{a.variant or a.model} is a {cap.cfg.family} variant, not a captioner")

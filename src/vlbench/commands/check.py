@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import load_params, validate_all, variant_names
+from ..params import load_params, variant_names
+from ..validation import validate_all
 
 
 def main(argv=None):

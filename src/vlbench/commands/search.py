@@ -24,17 +24,24 @@ def main(argv=None):
         ap.error("give --variant or --model")
     if a.top < 1:
         ap.error("--top must be at least 1")
+    from ..data.manifests import read_manifest
+    from ..image_features import load_features
     from ..inference import Searcher
-    from ..stages.features import load_features
-    from ..stages.split import read_manifest
+    from ..inputs import check_features
+    from ..runtime import configure_threads
 
+    configure_threads()  # VLBENCH_JOBS: jobs sharing the cores
     s = Searcher.from_run(a.model, a.variant)
     if s.cfg.family != "alignment":
         ap.error(f"{a.variant or a.model} is a {s.cfg.family} variant; search needs an alignment variant")
     if s.meta.get("input") == "pixels":  # its image encoder was tuned: embed the image files themselves
         feats, paths = None, read_manifest(a.splits, a.split)["path"].tolist()
     else:
-        feats, ids = load_features(a.features or f"data/features/{s.meta['image_encoder']}", a.split)
+        features = a.features or f"data/features/{s.meta['image_encoder']}"
+        trained = f"variants.{a.variant}" if a.variant else a.model
+        check_features(features, s.meta["image_encoder"], f"{trained}.image_encoder", s.meta.get("image_size"),
+                       f"{trained} (trained on features at image size)")
+        feats, ids = load_features(features, a.split)
         paths = read_manifest(a.splits, a.split).set_index("image_id").loc[ids]["path"].tolist()
     s.index(feats, paths)
     hits = s.search(a.query, a.top)

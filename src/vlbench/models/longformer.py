@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import LongformerConfig, LongformerModel
 
-from .registry import TextEncoder, create_text_encoder
+from .components import TextEncoder, minilm_l6
 
 
 class LongformerGlobalCls(LongformerModel):
@@ -74,7 +74,7 @@ def convert_state(bert_state: dict, target_keys, positions: torch.Tensor) -> dic
 def longformer_from_minilm(attention_window: int = 16, max_text_len: int = 512) -> TextEncoder:
     """The MiniLM-L6 weights and BERT tokenizer in a Longformer with this (even) window; position
     rows for at least ``max_text_len`` tokens."""
-    minilm = create_text_encoder("minilm_l6")
+    minilm = minilm_l6()
     bert, tokenizer = minilm.model, minilm.tokenizer
     bert_state = bert.state_dict()
     bert_rows = bert_state["embeddings.position_embeddings.weight"]

@@ -8,9 +8,38 @@ encoder's similarities (the pairs it will actually be asked to separate).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import in_range, positive
+from ..errors import ParamError
+
+
+@dataclass
+class RerankerConfig:
+    """Cross-attention re-ranker with an image-text matching head (``top_k: 0`` = none)."""
+
+    top_k: int = 0  # candidates per query the cross-encoder re-orders
+    d_model: int = 128
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    itm_weight: float = 1.0  # matching loss weight next to the contrastive loss
+    # the score that orders the top-k: the matching logit alone (ALBEF/BLIP), or plus the dual
+    # encoder's logit (safer when the re-ranker is small and trained briefly)
+    combine: Literal["itm", "sum"] = "sum"
+
+    def check(self, p):
+        positive(p, self, "d_model", "layers", "heads", "itm_weight")
+        if self.top_k < 0:
+            raise ParamError(f"{p}.top_k: must be >= 0 (0 = no re-ranker), got {self.top_k}")
+        if self.d_model % self.heads:
+            raise ParamError(f"{p}.heads: d_model={self.d_model} is not divisible by heads={self.heads}")
+        in_range(p, self, "dropout", 0.0, 0.9)
 
 
 class CrossAttentionReranker(nn.Module):

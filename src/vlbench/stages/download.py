@@ -20,7 +20,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import io
-from ..config import ParamError, load_params, section, validate_all
+from ..errors import ParamError
+from ..params import load_params, section
+from ..validation import validate_all
 
 EXIF_ORIENTATION = 0x0112
 EXPECTED_CAPTIONS = 5  # Flickr8k, Flickr30k and COCO have at least 5 per image (shapes: exactly 5)

@@ -21,14 +21,16 @@ import torch
 from tqdm import tqdm
 
 from .. import io
-from ..config import ParamError, load_params, section
+from ..data.manifests import read_manifest
+from ..errors import ParamError
+from ..image_features import load_features
+from ..inputs import check_features, open_inputs
 from ..metrics.retrieval import chance_recall, retrieval_metrics
-from ..models.factory import load_trained
-from ..runtime import pick_device, seed_everything
+from ..models.protocols import AlignmentModel, CaptioningModel
+from ..models.trained import load_trained
+from ..params import load_params, section
+from ..runtime import configure_threads, pick_device, seed_everything
 from ..tracking import Tracker
-from .features import load_features
-from .inputs import open_inputs
-from .split import read_manifest
 
 
 def peak_memory_mb(device) -> float:
@@ -51,7 +53,8 @@ def random_projection_baseline(image_pooled: torch.Tensor, text_pooled: torch.Te
 
 
 @torch.no_grad()
-def evaluate_alignment(model, inputs, captions, paths, device, batch_size, n_pictures, picture_path, seed):
+def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, batch_size, n_pictures, picture_path,
+                       seed):
     n = len(captions)  # the first n rows of ``inputs``
 
     def image_batches():  # cached token grids, or pixels for a model that holds its image encoder
@@ -108,7 +111,7 @@ def evaluate_alignment(model, inputs, captions, paths, device, batch_size, n_pic
     image_pooled = torch.cat([(pretrained(b) if pretrained else b).float().mean(1) for b in image_batches()])
     text_pooled = pooled if model.cfg.text_tuning == "frozen" else None
     if text_pooled is None:  # a tuned encoder is not "zero-training": use the pretrained one
-        from ..models.alignment import pool_tokens
+        from ..models.dual_encoder import pool_tokens
         from ..models.registry import create_text_encoder
 
         enc = create_text_encoder(model.cfg.text_encoder)
@@ -146,8 +149,8 @@ def nearest_neighbour_captions(test_feats, train_feats, train_captions: list[lis
     return [train_captions[i][0] for i in nearest.tolist()]
 
 
-def evaluate_captioning(model, cfg, feats, captions, ids, paths, train_feats, train_captions, device, batch_size,
-                        n_pictures, picture_path, seed):
+def evaluate_captioning(model: CaptioningModel, cfg, feats, captions, ids, paths, train_feats, train_captions, device,
+                        batch_size, n_pictures, picture_path, seed):
     from ..metrics.caption import caption_metrics
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -182,6 +185,12 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     if pixels == bool(features_dir):
         raise ParamError(f"{name}: " + ("a pixel variant reads images, not --features" if pixels else
                                         "needs --features (its cached image tokens)"))
+    if features_dir:  # features of another encoder or image size would score silently wrong
+        fmeta = check_features(features_dir, cfg.image_encoder, f"variants.{name}.image_encoder",
+                               section(raw, "features").image_size)
+        if meta.get("image_size") not in (None, fmeta["image_size"]):
+            raise ParamError(f"variants.{name}: {model_dir} was trained on images resized to {meta['image_size']}, "
+                             f"but {features_dir} holds {fmeta['image_size']}: train it again")
     inputs = open_inputs("test", splits_dir, features_dir, cfg)
     ids = inputs.ids
     df = read_manifest(splits_dir, "test").set_index("image_id").loc[ids]
@@ -226,7 +235,7 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="vlbench evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (reads evaluate, train, tracking)")
+    ap.add_argument("--params", default="params.yaml", help="params file (reads evaluate, train, tracking, features.image_size)")
     ap.add_argument("--variant", required=True)
     ap.add_argument("--model", default=None, help="trained model folder (default models/<variant>)")
     ap.add_argument("--features", default=None,
@@ -234,4 +243,5 @@ def main(argv=None):
     ap.add_argument("--splits", default="data/splits")
     ap.add_argument("--metrics", default="metrics", help="folder for <variant>.json and pictures/")
     a = ap.parse_args(argv)
+    configure_threads(section(load_params(a.params), "train").threads)
     run(a.params, a.variant, a.model or f"models/{a.variant}", a.features, a.splits, a.metrics)

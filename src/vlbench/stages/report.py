@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .. import io
-from ..config import load_params, variant_names
+from ..params import load_params, variant_names
 
 RETRIEVAL_COLS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_median_rank", "t2i_median_rank"]
 CAPTION_COLS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from .. import io
-from ..config import ParamError, load_params, section
-
-SPLITS = ("train", "val", "test")
+from ..data.manifests import SPLITS
+from ..errors import ParamError
+from ..params import load_params, section
 
 
 def assign_splits(records: list[dict], val_size: int, test_size: int, seed: int) -> list[dict]:
@@ -33,10 +33,6 @@ def assign_splits(records: list[dict], val_size: int, test_size: int, seed: int)
     for rank, i in enumerate(order):
         out[i]["split"] = "test" if rank < test_size else "val" if rank < test_size + val_size else "train"
     return out
-
-
-def read_manifest(splits_dir: str | Path, split: str) -> pd.DataFrame:
-    return pd.read_parquet(Path(splits_dir) / f"{split}.parquet")
 
 
 def run(params_path: str, raw_dir: str, out: str) -> None:

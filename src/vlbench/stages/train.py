@@ -20,121 +20,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import math
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from .. import distributed, io
-from ..config import ParamError, load_params, section, to_flat_dict, variant, variant_group, variant_params
-from ..models.factory import build_model, save_trained
-from ..runtime import fault_point, fingerprint, pick_device, seed_everything
+from ..config import to_flat_dict
+from ..data.manifests import captions_by_row
+from ..errors import ParamError
+from ..inputs import check_features, open_inputs
+from ..models.protocols import AlignmentModel, CaptioningModel
+from ..models.trained import save_trained
+from ..models.variants import create_variant_model, prepare_variant, variant
+from ..params import load_params, section, variant_group, variant_params
+from ..runtime import configure_threads, fault_point, fingerprint, pick_device, seed_everything
 from ..tracking import Tracker
-from .inputs import open_inputs
-from .split import read_manifest
+from ..training import Batches, Checkpoint, TextCache, accumulate, amp_dtype, lr_at, make_step
 
 
-def lr_at(step: int, optim) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    t = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
-    return optim.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-class Batches:
-    """Random images with one of their captions drawn at random, from a seeded generator; with
-    ``caption_sampling="all"``, every caption of each sampled image instead (the image repeats)."""
-
-    def __init__(self, n_images: int, captions: list[list[str]], batch_size: int, seed: int,
-                 caption_sampling: str = "random"):
-        self.n_images, self.captions, self.batch_size = n_images, captions, batch_size
-        self.caption_sampling = caption_sampling
-        self.rng = random.Random(seed)
-
-    def sample(self):
-        idx = sorted(self.rng.sample(range(self.n_images), min(self.batch_size, self.n_images)))
-        if self.caption_sampling == "all":
-            pairs = [(i, j) for i in idx for j in range(len(self.captions[i]))]
-            return [i for i, _ in pairs], [j for _, j in pairs]
-        cap_idx = [self.rng.randrange(len(self.captions[i])) for i in idx]
-        return idx, cap_idx
-
-
-def _captions_by_row(splits_dir: str, split: str, ids: list[str]) -> list[list[str]]:
-    df = read_manifest(splits_dir, split)
-    by_id = dict(zip(df["image_id"], df["captions"]))
-    return [list(by_id[i]) for i in ids]
-
-
-class TextCache:
-    """Frozen text encoder: every caption is encoded once instead of every step. Holds the pooled
-    features, plus the token states (fp16) when a re-ranker needs to read every token."""
-
-    @torch.no_grad()
-    def __init__(self, model, captions: list[list[str]], device, batch_size: int = 256):
-        flat = [c for caps in captions for c in caps]
-        keep_tokens = model.reranker is not None
-        pad_to = model.cfg.max_text_len if keep_tokens else None
-        pooled, tokens, masks = [], [], []
-        quiet = distributed.from_env().rank != 0  # one bar per job, not one per rank
-        for s in tqdm(range(0, len(flat), batch_size), desc="text features", unit="batch", disable=quiet):
-            t, m = model.text_tokens(flat[s : s + batch_size], device, pad_to=pad_to)
-            pooled.append(model.pool_text(t, m).cpu())
-            if keep_tokens:
-                tokens.append(t.half().cpu())
-                masks.append(m.cpu())
-        self.pooled = torch.cat(pooled)
-        self.tokens = torch.cat(tokens) if keep_tokens else None
-        self.masks = torch.cat(masks) if keep_tokens else None
-        self.first = np.cumsum([0] + [len(c) for c in captions])[:-1]  # row of each image's first caption
-
-    def lookup(self, idx, cap_idx, device):
-        """-> (pooled, tokens or None, mask or None) for caption cap_idx[k] of image idx[k]."""
-        rows = torch.as_tensor(self.first[idx] + np.asarray(cap_idx))
-        if self.tokens is None:
-            return self.pooled[rows].to(device), None, None
-        return self.pooled[rows].to(device), self.tokens[rows].to(device), self.masks[rows].to(device)
-
-
-class Checkpoint:
-    """The state needed to continue training exactly, loaded without pickle (weights_only)."""
-
-    def __init__(self, folder: Path, fingerprint: str):
-        self.path, self.fingerprint = folder / "last.pt", fingerprint
-
-    def load(self) -> dict | None:
-        if not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            print(f"vlbench train: ignoring unreadable checkpoint {self.path} ({type(e).__name__})", file=sys.stderr)
-            return None
-        if state.get("fingerprint") != self.fingerprint:
-            print(f"vlbench train: {self.path} was made with other params; starting afresh", file=sys.stderr)
-            return None
-        return state
-
-    def save(self, **state) -> None:
-        with io.atomic_path(self.path) as tmp:
-            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def make_val_loss(model, cfg, inputs, splits_dir: str, cached_text: bool, device, max_images: int = 256):
+def make_val_loss(model: AlignmentModel | CaptioningModel, cfg, inputs, splits_dir: str, cached_text: bool, device,
+                  max_images: int = 256):
     """-> a function giving the mean loss over a fixed slice of the val split (first caption of
     each image, fixed batches): comparable across steps, and it draws no random numbers."""
     ids = inputs.ids[:max_images]
-    captions = [caps[:1] for caps in _captions_by_row(splits_dir, "val", ids)]
+    captions = [caps[:1] for caps in captions_by_row(splits_dir, "val", ids)]
     text_cache = TextCache(model, captions, device) if cached_text else None
     step_fn = make_step(model, cfg, captions, text_cache, inputs, device)
     bs = cfg.optim.batch_size
@@ -148,53 +61,6 @@ def make_val_loss(model, cfg, inputs, splits_dir: str, cached_text: bool, device
         return sum(losses) / sum(map(len, chunks))
 
     return val_loss
-
-
-def make_step(model, cfg, captions, text_cache, inputs, device, forward=None):
-    """Return a function batch -> loss for this model family (``inputs``: see stages/inputs.py).
-    ``forward``: what computes the loss in training (the model, or its DDP / compiled wrapper, whose
-    forward is the loss over the global batch); by default the model's own per-process loss."""
-    forward = model.loss if forward is None else forward
-    if cfg.family == "alignment":
-        def step(idx, cap_idx):
-            images = inputs.batch(idx).to(device)
-            if text_cache is not None:
-                pooled, tokens, mask = text_cache.lookup(idx, cap_idx, device)
-            else:
-                tokens, mask = model.text_tokens([captions[i][j] for i, j in zip(idx, cap_idx)], device)
-                pooled = model.pool_text(tokens, mask)
-            return forward(images, pooled, tokens, mask)
-
-        return step
-
-    def step(idx, cap_idx):
-        grid = inputs.batch(idx).to(device)
-        return forward(grid, [captions[i][j] for i, j in zip(idx, cap_idx)])
-
-    return step
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.precision`` on ``device``; None = plain fp32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def accumulate(step_fn, idx, cap_idx, micro_steps: int, amp, scaler, no_sync) -> torch.Tensor:
-    """Forward and backward over ``micro_steps`` contiguous parts of the batch, each part's loss
-    weighted by its share of the batch: the gradients of the whole batch's loss (exactly, when that
-    loss is a mean over equally weighted items), in the memory of one part. Ranks synchronise
-    gradients only on the last part (``no_sync``). -> the batch's loss, detached."""
-    parts = list(zip(distributed.split(idx, micro_steps), distributed.split(cap_idx, micro_steps)))
-    total = 0.0
-    for k, (part_idx, part_cap_idx) in enumerate(parts):
-        with no_sync() if k < len(parts) - 1 else contextlib.nullcontext():
-            with amp:
-                loss = step_fn(part_idx, part_cap_idx) * (len(part_idx) / len(idx))
-            scaler.scale(loss).backward()
-        total = total + loss.detach()
-    return total
 
 
 class Quiet:
@@ -230,6 +96,9 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     if cfg.optim.batch_size % parts:
         raise ParamError(f"{variant_group(raw, name)}.{name}.optim.batch_size: {cfg.optim.batch_size} does not split "
                          f"into {ranks.world_size} process(es) x train.grad_accum_steps={tcfg.grad_accum_steps}")
+    if features_dir:  # features of another encoder or image size would train silently wrong
+        check_features(features_dir, cfg.image_encoder, f"{variant_group(raw, name)}.{name}.image_encoder",
+                       section(raw, "features").image_size)
     seed_everything(tcfg.seed)  # the same on every rank: same initial weights, same batches
     device = distributed.setup(ranks, pick_device(tcfg.device))
     out_dir = Path(out)
@@ -237,13 +106,10 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
 
     inputs = open_inputs("train", splits_dir, features_dir, cfg)
     ids = inputs.ids
-    captions = _captions_by_row(splits_dir, "train", ids)
+    captions = captions_by_row(splits_dir, "train", ids)
     extra = {**inputs.describe(), "image_encoder": cfg.image_encoder}
-    if cfg.model == "grid_transformer" and cfg.tokenizer == "words":
-        from ..models.captioning import Vocabulary
-
-        extra["vocab"] = Vocabulary.build([c for caps in captions for c in caps], cfg.min_word_count).itos
-    model = build_model(cfg, extra["image_dim"], extra["n_grid"], extra.get("vocab"), pixels=pixels).to(device)
+    extra |= prepare_variant(cfg, [c for caps in captions for c in caps])  # e.g. a vocabulary, saved with the model
+    model = create_variant_model(cfg, extra["image_dim"], extra["n_grid"], extra.get("vocab"), pixels=pixels).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     text_cache = None
@@ -368,7 +234,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="vlbench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml",
-                    help="params file (reads variants.<name> or pixel_variants.<name>, train, tracking)")
+                    help="params file (reads variants.<name> or pixel_variants.<name>, train, tracking, "
+                         "features.image_size)")
     ap.add_argument("--variant", required=True, help="a key of `variants` or `pixel_variants` in params.yaml")
     ap.add_argument("--features", default=None,
                     help="folder of the features stage for the variant's image encoder (not for pixel_variants, "
@@ -378,6 +245,7 @@ def main(argv=None):
     ap.add_argument("--curves", default=None, help="training-curve CSV (default metrics/curves/<variant>.csv)")
     ap.add_argument("--checkpoints", default=None, help="resume folder (default checkpoints/<variant>)")
     a = ap.parse_args(argv)
+    configure_threads(section(load_params(a.params), "train").threads)
     try:
         run(a.params, a.variant, a.features, a.splits, a.out or f"models/{a.variant}",
             a.curves or f"metrics/curves/{a.variant}.csv", a.checkpoints)

@@ -1,11 +1,54 @@
-"""CLIP-style dual encoder over cached image tokens and a (frozen or trainable) text encoder."""
+"""``dual_encoder``: a CLIP-style dual encoder over cached image tokens (or pixels, through its own
+image encoder) and a (frozen or trainable) text encoder."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import LoraConfig, OptimConfig, VariantConfig, in_range, positive
+from ..errors import ParamError
+from .registry import check_image_encoder, check_text_encoder, create_image_encoder, create_text_encoder
+from .reranker import CrossAttentionReranker, RerankerConfig, itm_loss
+from .variant_registry import register_variant
+
+
+@dataclass
+class DualEncoderConfig(VariantConfig):
+    """CLIP-style: cached image features + text encoder, projection heads, InfoNCE."""
+
+    text_encoder: str = "minilm_l6"
+    text_pooling: Literal["cls", "mean"] = "mean"
+    image_pooling: Literal["cls", "mean"] = "mean"  # cls: ViT encoders only (a CNN grid has no CLS token)
+    text_tuning: Literal["frozen", "full", "lora"] = "frozen"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_text_len: int = 32
+    attention_window: int = 16  # Longformer encoders only: tokens in the sliding window (even)
+    embed_dim: int = 256
+    head: Literal["linear", "mlp"] = "mlp"
+    dropout: float = 0.1
+    init_temperature: float = 0.07
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    # pixel_variants only: tune the image encoder end to end, on images resized to image_size
+    image_tuning: Literal["frozen", "full", "lora"] = "frozen"
+    image_lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules=["conv_pw", "conv_pwl"]))
+    image_size: int = 128
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def check(self, p):
+        positive(p, self, "max_text_len", "embed_dim", "init_temperature", "image_size")
+        if self.attention_window <= 0 or self.attention_window % 2:
+            raise ParamError(f"{p}.attention_window: must be even and > 0, got {self.attention_window}")
+        in_range(p, self, "dropout", 0.0, 0.9)
+        check_image_encoder(f"{p}.image_encoder", self.image_encoder)
+        check_text_encoder(f"{p}.text_encoder", self.text_encoder)
+        if self.image_pooling == "cls" and self.image_encoder == "efficientnet_lite0":
+            raise ParamError(f"{p}.image_pooling: {self.image_encoder} gives a CNN grid, which has no CLS token; use mean")
+
 
 
 class ProjectionHead(nn.Module):
@@ -57,10 +100,10 @@ class DualEncoder(nn.Module):
         if image_encoder is not None:
             image_encoder.requires_grad_(cfg.image_tuning == "full")
             if cfg.image_tuning == "lora":
-                from peft import LoraConfig, inject_adapter_in_model
+                from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
 
                 lora = cfg.image_lora
-                inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                inject_adapter_in_model(PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                    target_modules=lora.target_modules), image_encoder.backbone)
         self.image_head = ProjectionHead(image_dim, cfg.embed_dim, cfg.head, cfg.dropout)
         self.text_head = ProjectionHead(text_encoder.dim, cfg.embed_dim, cfg.head, cfg.dropout)
@@ -68,16 +111,14 @@ class DualEncoder(nn.Module):
         self.text_model = text_encoder.model
         self.text_model.requires_grad_(cfg.text_tuning == "full")
         if cfg.text_tuning == "lora":
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
             lora = cfg.lora
-            self.text_model = get_peft_model(self.text_model, LoraConfig(
+            self.text_model = get_peft_model(self.text_model, PeftLoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         self.reranker = None
         if cfg.reranker.top_k:
-            from .reranker import CrossAttentionReranker
-
             self.reranker = CrossAttentionReranker(text_encoder.dim, image_dim, n_grid, cfg.reranker)
 
     def scale(self) -> torch.Tensor:
@@ -145,8 +186,6 @@ class DualEncoder(nn.Module):
         else:
             loss = contrastive_loss(img, txt, self.scale())
         if self.reranker is not None:
-            from .reranker import itm_loss
-
             logits = (self.scale() * img @ txt.t()).detach()
             loss = loss + self.cfg.reranker.itm_weight * itm_loss(self.reranker, logits, text_tokens, text_mask, image_tokens)
         return loss
@@ -165,3 +204,11 @@ class DualEncoder(nn.Module):
             return True
 
         return {k: v for k, v in self.state_dict().items() if keep(k)}
+
+
+@register_variant("dual_encoder", family="alignment", config=DualEncoderConfig, pixels=True)
+def build_dual_encoder(cfg: DualEncoderConfig, image_dim: int, n_grid: int, *, vocab=None,
+                       pixels: bool = False) -> DualEncoder:
+    image_encoder = create_image_encoder(cfg.image_encoder) if pixels else None
+    text_encoder = create_text_encoder(cfg.text_encoder, cfg.attention_window, cfg.max_text_len)
+    return DualEncoder(cfg, image_dim, n_grid, text_encoder, image_encoder)

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features import ImageFiles, load_features
-from .split import read_manifest
+from .data.manifests import read_manifest
+from .errors import ParamError
+from .image_features import ImageFiles, load_features
+from .models.registry import create_image_encoder
 
 
 class CachedTokens:
@@ -57,6 +59,31 @@ def open_inputs(split: str, splits_dir: str, features_dir: str | None, cfg):
     """Cached tokens when a features folder is given, else pixels at the variant's image size."""
     if features_dir:
         return CachedTokens(features_dir, split)
-    from ..models.registry import create_image_encoder
-
     return Pixels(splits_dir, split, cfg.image_size, create_image_encoder(cfg.image_encoder))
+
+
+def check_features(features_dir: str | Path, backbone: str, backbone_key: str,
+                   image_size: int | None = None, size_key: str = "features.image_size") -> dict:
+    """Stop (ParamError, one line naming the key) unless ``features_dir`` holds features of image
+    encoder ``backbone`` (at ``image_size`` pixels, when given), as its meta.json records; -> the
+    meta. Called by train and evaluate before any work: cached features of another encoder or size
+    would train or score silently wrong. A folder whose meta.json does not record both was made by
+    an older features stage: it has to be made again."""
+    d = Path(features_dir)
+    rerun = f"run the features stage for {backbone} (dvc repro features@{backbone}, or vlbench features --backbone {backbone} --out {d})"
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except FileNotFoundError:
+        raise ParamError(f"{backbone_key}: {d} holds no features (no meta.json): {rerun}") from None
+    except ValueError:
+        raise ParamError(f"{backbone_key}: {d}/meta.json is not readable JSON: {rerun}") from None
+    if not isinstance(meta, dict) or "backbone" not in meta or "image_size" not in meta:
+        raise ParamError(f"{backbone_key}: {d}/meta.json does not record the backbone and image size "
+                         f"(made by an older version): {rerun}")
+    if meta["backbone"] != backbone:
+        raise ParamError(f"{backbone_key}: {backbone} but {d} holds features of {meta['backbone']}: "
+                         f"pass the features folder of {backbone}, or {rerun}")
+    if image_size is not None and meta["image_size"] != image_size:
+        raise ParamError(f"{size_key}: {image_size} but {d} holds features of images resized to "
+                         f"{meta['image_size']}: {rerun}")
+    return meta

@@ -1,0 +1,188 @@
+"""params.yaml -> typed, validated sections and variants.
+
+Every stage reads only its own section. Validation happens before any expensive work and fails
+with one line naming the offending key (``ParamError``), which the CLI turns into exit code 2.
+The run-wide sections are here, and where each variant's raw params are; each variant model's
+params schema lives next to the model (models/variants.py lists them and builds a variant's config),
+the pieces they share in config.py. ``validate_all`` (validation.py) checks the whole file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .config import build, in_range, positive
+from .errors import ParamError
+
+# ---------------------------------------------------------------- data / split / features
+
+
+@dataclass
+class ShapesConfig:
+    n_images: int = 1800
+    image_size: int = 128
+    seed: int = 0
+
+    def check(self, p):
+        positive(p, self, "n_images", "image_size")
+
+
+@dataclass
+class DataConfig:
+    name: Literal["shapes", "flickr8k", "flickr30k", "coco"]
+    root: str | None = None  # a local copy; None = download it into the download cache
+    urls: dict[str, str] = field(default_factory=dict)  # archive -> mirror URL (see data/sources.py)
+    max_broken_fraction: float = 0.05  # more missing or undecodable images than this stops the run
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+    def check(self, p):
+        if self.name != "shapes" and self.root and not Path(self.root).is_dir():
+            raise ParamError(f"{p}.root: folder {self.root!r} does not exist")
+        in_range(p, self, "max_broken_fraction", 0.0, 1.0)
+        from .data.sources import ARCHIVES
+
+        if self.urls is None:  # `urls:` left empty in the YAML
+            self.urls = {}
+        if not isinstance(self.urls, dict):
+            raise ParamError(f"{p}.urls: expected a mapping of archive name to URL, got {self.urls!r}")
+        for key, url in self.urls.items():
+            if key not in ARCHIVES:
+                raise ParamError(f"{p}.urls.{key}: unknown archive (known: {', '.join(ARCHIVES)})")
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ParamError(f"{p}.urls.{key}: expected an http(s) URL, got {url!r}")
+
+
+@dataclass
+class SplitConfig:
+    seed: int = 0
+    val_size: int = 150
+    test_size: int = 300
+
+    def check(self, p):
+        positive(p, self, "val_size", "test_size")
+
+
+@dataclass
+class FeaturesConfig:
+    backbones: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    image_size: int = 128
+    batch_size: int = 64
+
+    def check(self, p):
+        positive(p, self, "image_size", "batch_size")
+        from .models.registry import check_image_encoder  # imports torch: only when features are validated
+
+        for i, b in enumerate(self.backbones):
+            check_image_encoder(f"{p}.backbones[{i}]", b)
+
+
+
+# ---------------------------------------------------------------- run-wide sections
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 100  # steps between resumable checkpoints; 0 = never
+    # autocast dtype; auto = bf16 on CUDA, fp32 elsewhere (fp32 keeps CPU runs bit-reproducible);
+    # fp16 scales the loss (GradScaler, its state goes into the checkpoint)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the model
+    # split each optimizer step's batch into this many forward/backward passes (same memory as a
+    # smaller batch, same gradients for captioners; contrastive variants see fewer negatives per pass)
+    grad_accum_steps: int = 1
+    # CPU threads of each train/evaluate process; 0 = auto: the usable cores divided by the
+    # VLBENCH_JOBS environment variable (jobs run side by side); OMP_NUM_THREADS, when set, wins
+    threads: int = 0
+
+    def check(self, p):
+        positive(p, self, "grad_accum_steps")
+        if self.checkpoint_every < 0:
+            raise ParamError(f"{p}.checkpoint_every: must be >= 0 (0 = never), got {self.checkpoint_every}")
+        if self.threads < 0:
+            raise ParamError(f"{p}.threads: must be >= 0 (0 = auto), got {self.threads}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
+            raise ParamError(f"{p}.device: {self.device!r} is not auto, cpu, cuda[:N] or mps")
+        from .runtime import missing_device  # imports torch: only once the spelling is right
+
+        problem = missing_device(self.device)
+        if problem:
+            raise ParamError(f"{p}.device: {problem}")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 64
+    max_images: int = 0  # 0 = the whole test split
+    picture_images: int = 8
+
+    def check(self, p):
+        positive(p, self, "batch_size")
+        if self.max_images < 0:
+            raise ParamError(f"{p}.max_images: must be >= 0 (0 = all), got {self.max_images}")
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "vlbench"
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "split": SplitConfig,
+    "features": FeaturesConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "tracking": TrackingConfig,
+}
+
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"params: file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamError(f"params: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ParamError(f"params: {path} must hold a mapping of sections")
+    return raw
+
+
+def section(raw: dict, name: str):
+    """One validated section of params.yaml (a missing section takes the defaults)."""
+    cls = SECTIONS[name]
+    sub = raw.get(name, {})
+    if sub is None:
+        sub = {}
+    return build(cls, sub, name)
+
+
+# Variants live in two groups: ``variants`` train on the features stage's cached image tokens;
+# ``pixel_variants`` read pixels and tune the image encoder (end to end), so DVC runs them without
+# the features stage (dvc.yaml: train_pixels / evaluate_pixels).
+VARIANT_GROUPS = ("variants", "pixel_variants")
+
+
+def variant_group(raw: dict, name: str) -> str:
+    """Which group of params.yaml holds variant ``name``."""
+    for group in VARIANT_GROUPS:
+        if name in (raw.get(group) or {}):
+            return group
+    known = [n for g in VARIANT_GROUPS for n in (raw.get(g) or {})]
+    raise ParamError(f"variants.{name}: unknown variant (known: {', '.join(known) or 'none'})")
+
+
+def variant_params(raw: dict, name: str) -> dict:
+    """The raw params of variant ``name``, whichever group holds it."""
+    return raw[variant_group(raw, name)][name]
+
+
+def variant_names(raw: dict) -> list[str]:
+    return [n for g in VARIANT_GROUPS for n in (raw.get(g) or {})]
