@@ -44,6 +44,12 @@ BAD_EDITS = [
     ("train.compile", edit("train.compile", "yes")),
     ("train.grad_accum_steps", edit("train.grad_accum_steps", 0)),
     ("train.grad_accum_steps", edit("train.grad_accum_steps", 1.5)),
+    ("train.eval_every", edit("train.eval_every", -1)),
+    ("train.eval_every", edit("train.eval_every", "often")),
+    ("train.select_on", edit("train.select_on", "cider")),
+    ("train.patience", edit("train.patience", -2)),
+    ("train.patience", lambda p: edit("train.patience", 3)(edit("train.eval_every", 0)(p))),  # nothing to count
+    ("train.dev_images", edit("train.dev_images", -5)),
     ("variants", edit("variants", {})),
     ("variants.clip.model", edit("variants.clip.model", "transformer9000")),
     ("variants.clip.model", edit("variants.clip.model", DELETE)),
@@ -62,6 +68,19 @@ BAD_EDITS = [
     ("variants.clip.family", edit("variants.clip.family", "captioning")),
     ("variants.clip.dropout", edit("variants.clip.dropout", 1.5)),
     ("variants.clip.embed_size", edit("variants.clip.embed_size", 128)),  # typo of embed_dim
+    ("features.image_size", edit("features.image_size", "big")),  # a number or native
+    ("features.image_size", edit("features.image_size", 0)),
+    ("variants.clip.image_pooling", edit("variants.clip.image_pooling", "max")),
+    ("variants.clip.loss", edit("variants.clip.loss", "triplet")),
+    ("variants.clip.captions_per_image", edit("variants.clip.captions_per_image", 0)),
+    ("variants.clip.captions_per_image", edit("variants.clip.captions_per_image", 3)),  # false negatives under infonce
+    ("variants.clip.margin", lambda p: edit("variants.clip.margin", 0)(edit("variants.clip.loss", "vse_max_violation")(p))),
+    ("variants.clip.hard_negative_beta", edit("variants.clip.hard_negative_beta", -0.5)),
+    ("variants.clip.hard_negative_beta",
+     lambda p: edit("variants.clip.hard_negative_beta", 0.5)(edit("variants.clip.loss", "vse_max_violation")(p))),
+    ("variants.clip.text_tune_layers", edit("variants.clip.text_tune_layers", 2)),  # the text encoder is frozen
+    ("variants.clip.text_tune_layers", lambda p: edit("variants.clip.text_tune_layers", -1)(edit("variants.clip.text_tuning", "full")(p))),
+    ("variants.clip.text_tune_layers", lambda p: edit("variants.clip.text_tune_layers", 7)(edit("variants.clip.text_tuning", "lora")(p))),
     ("variants.gridcap.heads", edit("variants.gridcap.heads", 5)),  # 64 not divisible by 5
     ("variants.gridcap.decoding.strategy", edit("variants.gridcap.decoding", {"strategy": "topk"})),
     ("variants.gridcap.decoding.top_p", edit("variants.gridcap.decoding", {"top_p": 0})),
@@ -88,11 +107,16 @@ def test_cli_exits_2_with_one_line_before_any_work(tmp_path):
     params = tiny_params()
     params["variants"]["clip"]["optim"]["lr"] = -0.1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    r = run_cli(["download", "--out", "data/raw"], cwd=tmp_path)
+    # the pipeline's first stage (dvc.yaml `check`), and the stage that reads the variant
+    r = run_cli(["check", "--stamp", "data/checked"], cwd=tmp_path)
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert lines[-1] == "vlbench download: bad params: variants.clip.optim.lr: must be > 0, got -0.1"
+    assert lines[-1] == "vlbench check: bad params: variants.clip.optim.lr: must be > 0, got -0.1"
     assert not (tmp_path / "data").exists()  # nothing half-written
+    r = run_cli(["train", "--variant", "clip", "--features", "data/features/x"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "vlbench train: bad params: variants.clip.optim.lr: must be > 0, got -0.1"
+    assert not (tmp_path / "models").exists()
 
 
 def test_cli_unknown_variant(tmp_path):

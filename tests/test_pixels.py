@@ -68,7 +68,34 @@ def test_pixel_variant_trains_and_evaluates_without_features(pixel_project):
     assert lora and all("lora_" in k for k in lora)  # the frozen backbone is not duplicated into the checkpoint
     assert any("lora_B" in k and saved[k].abs().sum() > 0 for k in lora)  # and training moved the adapters
     result = json.loads((d / "metrics/clip_px.json").read_text())
-    assert result["images"] == 12 and 0 <= result["metrics"]["i2t_R@1"] <= 100
+    assert result["images"] == 12
+    # the recalls again, by a naive reference on the similarities of the saved model, recomputed here from
+    # the test images' pixels through its tuned encoder
+    import pandas as pd
+    import torch
+
+    from vlbench.models.trained import load_trained
+    from vlbench.runtime import load_image, to_tensor
+
+    model, cfg, _ = load_trained(d / "models/clip_px")
+    model.eval()
+    test = pd.read_parquet(d / "data/splits/test.parquet")
+    enc = model.image_encoder
+    pixels = torch.stack([to_tensor(load_image(str(d / p), cfg.image_size), enc.mean, enc.std) for p in test["path"]])
+    flat = [c for caps in test["captions"] for c in caps]
+    owner = [i for i, caps in enumerate(test["captions"]) for _ in caps]
+    with torch.no_grad():
+        image = model.embed_images(model.image_tokens(pixels))
+        sim = (image @ model.embed_text_features(model.text_features(flat, "cpu")).T).tolist()
+
+    def best_first(pairs):  # one query's (score, is a match) per candidate -> match flags, ties in its favour
+        return [hit for _, hit in sorted(pairs, key=lambda p: (-p[0], not p[1]))]
+
+    i2t = [best_first([(s, owner[j] == i) for j, s in enumerate(row)]) for i, row in enumerate(sim)]
+    t2i = [best_first([(row[j], owner[j] == i) for i, row in enumerate(sim)]) for j in range(len(flat))]
+    for k in (1, 5, 10):
+        assert result["metrics"][f"i2t_R@{k}"] == pytest.approx(100 * sum(any(q[:k]) for q in i2t) / len(i2t)), k
+        assert result["metrics"][f"t2i_R@{k}"] == pytest.approx(100 * sum(any(q[:k]) for q in t2i) / len(t2i)), k
     assert "random_projection" in result
 
 

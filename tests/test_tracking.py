@@ -1,4 +1,5 @@
 """MLflow for real: a tracking server on 127.0.0.1, and a store that cannot be reached."""
+import json
 import socket
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def test_train_and_evaluate_log_to_a_tracking_server(prepared, server):
 
     r = train(prepared, "clip", server)
     assert r.returncode == 0, r.stderr
+    trained = mlflow.MlflowClient(tracking_uri=server).get_run((prepared / "models/clip/run_id").read_text().strip())
+    assert trained.info.status == "FINISHED" and trained.info.end_time  # ended by train, before evaluate
+    assert "vlbench.pid" in trained.data.tags
     env = env_with_venv()
     env["MLFLOW_TRACKING_URI"] = server
     r = subprocess.run([sys.executable, "-m", "vlbench", "evaluate", "--variant", "clip", "--features",
@@ -153,3 +157,182 @@ def test_server_stopped_mid_run_loses_nothing(prepared, tmp_path):
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train_loss")})
     assert steps == list(range(500))
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} >= {"checkpoint/model.safetensors"}
+
+
+# -- lineage, stale runs, durations (issue #15, item 3): the Tracker in this process, a real sqlite store
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A git repo with one commit as the working directory, a sqlite store in it, no DVC around."""
+    import mlflow
+
+    for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def test_run_records_commit_dvc_inputs_system_metrics_and_experiment_kind(store, tmp_path, monkeypatch):
+    from vlbench.tracking import Tracker
+
+    (tmp_path / "data/splits").mkdir(parents=True)
+    (tmp_path / "data/splits/train.parquet").write_bytes(b"x" * 10)
+    (tmp_path / "data/splits/val.parquet").write_bytes(b"y" * 5)
+    (tmp_path / "data/features/enc").mkdir(parents=True)
+    (tmp_path / "data/features/enc/train.npy").write_bytes(b"z" * 7)
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n"
+        "  split:\n    cmd: s\n    outs:\n    - path: data/splits\n      hash: md5\n"
+        "      md5: 11111111111111111111111111111111.dir\n      size: 15\n      nfiles: 2\n"
+        "  features@enc:\n    cmd: f\n    outs:\n    - path: data/features/enc\n      hash: md5\n"
+        "      md5: 22222222222222222222222222222222.dir\n      size: 8\n      nfiles: 1\n")  # not 7: stale
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/m.json").write_text("{}")  # a pipeline output: does not make the tree dirty
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with Tracker("lineage", "v", tmp_path / "models/v/run_id", resume=False,
+                 inputs=["data/splits", str(tmp_path / "data/features/enc"), "data/raw"]) as t:
+        time.sleep(1.0)
+    run = store.get_run(t.run_id)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["git_commit"] == run.data.tags["mlflow.source.git.commit"] == head
+    assert run.data.tags["git_dirty"] == "false"
+    # the splits' DVC hash is the dataset's digest; features whose size no longer matches dvc.lock,
+    # and data/raw (not in dvc.lock), are left out
+    inputs = run.inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("data/splits", "11111111111111111111111111111111.dir")]
+    assert [(tag.key, tag.value) for tag in inputs[0].tags] == [("mlflow.data.context", "training")]
+    assert json.loads(inputs[0].dataset.profile) == {"size": 15, "nfiles": 2}
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+    assert store.get_experiment_by_name("lineage").tags["mlflow.experimentKind"] == "custom_model_development"
+
+    (tmp_path / "params.yaml").write_text("a: 2\n")  # an uncommitted change to a tracked file
+    with Tracker("lineage", "v", tmp_path / "models/v/run_id", resume=False) as t:
+        pass
+    assert store.get_run(t.run_id).data.tags["git_dirty"] == "true"
+
+
+def test_a_run_whose_process_died_is_marked_killed_by_the_next_run(store, tmp_path):
+    from vlbench.tracking import Tracker
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom vlbench.tracking import Tracker\n"
+         "t = Tracker('stale', 'v', 'models/v/run_id', resume=False).__enter__()\n"
+         "print(t.run_id, flush=True)\ntime.sleep(600)\n"],
+        cwd=tmp_path, env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        stale = child.stdout.readline().strip()
+        assert stale, "the child never opened its run"
+        with Tracker("stale", "v", tmp_path / "other/run_id", resume=False):
+            pass
+        assert store.get_run(stale).info.status == "RUNNING"  # its process is alive: left alone
+    finally:
+        child.kill()  # SIGKILL: nothing ends the run
+        child.wait(timeout=20)
+    with Tracker("stale", "v", tmp_path / "other/run_id", resume=False) as t:
+        pass
+    run = store.get_run(stale)
+    assert run.info.status == "KILLED" and run.info.end_time >= run.info.start_time
+    assert store.get_run(t.run_id).info.status == "FINISHED"
+
+
+def test_reopened_run_counts_its_work_not_the_wait_between(store, tmp_path):
+    """train ends its run; other variants train; evaluate reopens it: the run's duration is its
+    training plus its evaluation."""
+    from vlbench.tracking import Tracker
+
+    with Tracker("durations", "v", tmp_path / "models/v/run_id", resume=False) as t:
+        time.sleep(0.6)
+    run = store.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time - run.info.start_time >= 600
+    time.sleep(1.5)  # other variants' stages
+    started = time.time()
+    time.sleep(0.4)  # the evaluation before the tracker opens
+    with Tracker("durations", "v", tmp_path / "models/v/run_id", resume=True, context="evaluation",
+                 started_at=started) as again:
+        pass
+    span = time.time() * 1000 - run.info.start_time
+    run = store.get_run(t.run_id)
+    assert again.run_id == t.run_id and run.info.status == "FINISHED"
+    duration = run.info.end_time - run.info.start_time
+    assert 1000 <= duration <= span - 1000, (duration, span)
+
+
+# -- a shared server that lets nobody in without a password (issue #15, item 6)
+
+def test_basic_auth_server_refuses_strangers_and_takes_a_users_runs(tmp_path, monkeypatch, capsys):
+    import requests
+
+    import mlflow
+
+    from vlbench.tracking import Tracker
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (tmp_path / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = EDIT\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = env_with_venv() | {"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+                             "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-secret-1",
+                             "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-secret"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "art"), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(url + "/health", timeout=10).ok:
+                    break
+            except requests.RequestException:  # not listening yet, or still starting
+                time.sleep(0.5)
+            assert proc.poll() is None, proc.stderr.read()
+        else:
+            pytest.fail("mlflow server did not start")
+        search = url + "/api/2.0/mlflow/experiments/search?max_results=10"
+        assert requests.get(search, timeout=60).status_code == 401
+        assert requests.get(search, auth=("admin", "wrong"), timeout=60).status_code == 401
+        for user in ("alice", "bob"):
+            r = requests.post(url + "/api/2.0/mlflow/users/create", json={"username": user, "password": f"{user}-password-1"},
+                              auth=("admin", "admin-secret-1"), timeout=60)
+            assert r.ok, r.text
+        assert requests.get(search, auth=("alice", "alice-password-1"), timeout=60).status_code == 200
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_RUN_ID"):
+            monkeypatch.delenv(var, raising=False)
+        runs = {}
+        for user in ("alice", "bob"):  # alice creates the experiment, bob logs to it too
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", f"{user}-password-1")
+            with Tracker("team", f"v_{user}", tmp_path / user / "run_id", resume=False) as t:
+                t.log_metrics({"loss": 0.5}, step=1)
+            runs[user] = t.run_id
+        assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to the local store
+        client = mlflow.MlflowClient(tracking_uri=url)
+        for user, run_id in runs.items():
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
+
+        capsys.readouterr()
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-bobs-password")  # refused: training goes on locally
+        with Tracker("team", "v_wrong", tmp_path / "wrong" / "run_id", resume=False) as t:
+            t.log_metrics({"loss": 0.25}, step=1)
+        assert "401" in capsys.readouterr().err and (tmp_path / "mlflow.db").is_file()
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -25,8 +25,15 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _check_value(key, value, inner)
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:
+            return _check_value(key, value, arms[0])
+        for arm in arms:  # e.g. int | Literal["native"]: the first arm that accepts the value
+            try:
+                return _check_value(key, value, arm)
+            except ParamError:
+                pass
+        raise ParamError(f"{key}: expected {' or '.join(_describe(a) for a in arms)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
             raise ParamError(f"{key}: expected a list, got {value!r}")
@@ -55,6 +62,12 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             raise ParamError(f"{key}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
 
 
 def build(cls, raw: Any, prefix: str):
@@ -140,10 +153,34 @@ class DecodingConfig:
     top_p: float = 0.9
     temperature: float = 1.0
     max_len: int = 24
+    # never emit a token trigram twice in one caption: the grid transformer's own search (word
+    # trigrams with the words tokenizer); LM captioners through generate's no_repeat_ngram_size=3
+    block_trigrams: bool = False
 
     def check(self, p):
         positive(p, self, "beam_size", "temperature", "max_len")
         in_range(p, self, "top_p", 1e-6, 1.0)
+
+
+@dataclass
+class ScstConfig:
+    """Self-critical sequence training after the cross-entropy steps (vlbench/scst.py): CIDEr-D of
+    sampled captions (document frequencies of the training references) as the reward, the mean
+    reward of the image's other samples as the baseline. steps 0 = off."""
+
+    steps: int = 0
+    samples: int = 5  # captions sampled per image; the baseline of each is the mean of the other samples
+    lr: float = 1e-5  # constant, AdamW; gradients clipped at norm 1 as in cross-entropy training
+    batch_size: int = 16  # images per step (x samples captions)
+    max_len: int = 24  # tokens per sampled caption at most (the grid transformer: BOS and EOS included)
+
+    def check(self, p):
+        if self.steps < 0:
+            raise ParamError(f"{p}.steps: must be >= 0 (0 = off), got {self.steps}")
+        if self.samples < 2:
+            raise ParamError(f"{p}.samples: must be >= 2 (each sample's baseline is the mean of the others), "
+                             f"got {self.samples}")
+        positive(p, self, "lr", "batch_size", "max_len")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from .data.manifests import read_manifest
 from .errors import ParamError
 from .image_features import ImageFiles, load_features
-from .models.registry import create_image_encoder
+from .models.registry import create_image_encoder, native_image_size
 
 
 class CachedTokens:
@@ -37,7 +37,8 @@ class CachedTokens:
 class Pixels:
     """Rows of a split's manifest as normalised pixels [3, S, S] for ``encoder``."""
 
-    def __init__(self, splits_dir: str | Path, split: str, image_size: int, encoder):
+    def __init__(self, splits_dir: str | Path, split: str, image_size: int | str, encoder):
+        image_size = encoder.native_size if image_size == "native" else image_size
         df = read_manifest(splits_dir, split)
         self.ids = list(df["image_id"])
         self.files = ImageFiles(list(df["path"]), image_size, encoder.mean, encoder.std)
@@ -63,9 +64,9 @@ def open_inputs(split: str, splits_dir: str, features_dir: str | None, cfg):
 
 
 def check_features(features_dir: str | Path, backbone: str, backbone_key: str,
-                   image_size: int | None = None, size_key: str = "features.image_size") -> dict:
+                   image_size: int | str | None = None, size_key: str = "features.image_size") -> dict:
     """Stop (ParamError, one line naming the key) unless ``features_dir`` holds features of image
-    encoder ``backbone`` (at ``image_size`` pixels, when given), as its meta.json records; -> the
+    encoder ``backbone`` (at ``image_size`` pixels, or its ``native`` size, when given), as its meta.json records; -> the
     meta. Called by train and evaluate before any work: cached features of another encoder or size
     would train or score silently wrong. A folder whose meta.json does not record both was made by
     an older features stage: it has to be made again."""
@@ -83,7 +84,11 @@ def check_features(features_dir: str | Path, backbone: str, backbone_key: str,
     if meta["backbone"] != backbone:
         raise ParamError(f"{backbone_key}: {backbone} but {d} holds features of {meta['backbone']}: "
                          f"pass the features folder of {backbone}, or {rerun}")
+    said = image_size
+    if image_size == "native":  # features.image_size: native, the backbone's own resolution
+        image_size = native_image_size(backbone)
+        said = f"native ({image_size} for {backbone})"
     if image_size is not None and meta["image_size"] != image_size:
-        raise ParamError(f"{size_key}: {image_size} but {d} holds features of images resized to "
+        raise ParamError(f"{size_key}: {said} but {d} holds features of images resized to "
                          f"{meta['image_size']}: {rerun}")
     return meta

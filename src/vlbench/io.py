@@ -9,6 +9,14 @@ import tempfile
 from pathlib import Path
 
 
+def project_root() -> Path:
+    """The project's home folder: where ``mlflow.db``, ``mlartifacts/``, the download cache and a
+    relative ``data.root`` live. DVC sets ``DVC_ROOT`` for every stage command, to the original
+    repository even when a queued experiment (``dvc exp run --queue``) runs in a temporary copy
+    under ``.dvc/tmp/exps/``; outside DVC it is the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

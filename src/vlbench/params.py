@@ -39,7 +39,9 @@ class DataConfig:
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
     def check(self, p):
-        if self.name != "shapes" and self.root and not Path(self.root).is_dir():
+        from .io import project_root  # a relative root is the project's, also in a queued DVC experiment
+
+        if self.name != "shapes" and self.root and not (project_root() / self.root).is_dir():
             raise ParamError(f"{p}.root: folder {self.root!r} does not exist")
         in_range(p, self, "max_broken_fraction", 0.0, 1.0)
         from .data.sources import ARCHIVES
@@ -68,11 +70,15 @@ class SplitConfig:
 @dataclass
 class FeaturesConfig:
     backbones: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
-    image_size: int = 128
+    # pixels per side, or native: each backbone at the resolution it was trained at
+    # (efficientnet_lite0/1/2: 224/240/260; models/registry.py native_image_size)
+    image_size: int | Literal["native"] = 128
     batch_size: int = 64
 
     def check(self, p):
-        positive(p, self, "image_size", "batch_size")
+        positive(p, self, "batch_size")
+        if self.image_size != "native":
+            positive(p, self, "image_size")
         from .models.registry import check_image_encoder  # imports torch: only when features are validated
 
         for i, b in enumerate(self.backbones):
@@ -98,11 +104,30 @@ class TrainConfig:
     # CPU threads of each train/evaluate process; 0 = auto: the usable cores divided by the
     # VLBENCH_JOBS environment variable (jobs run side by side); OMP_NUM_THREADS, when set, wins
     threads: int = 0
+    # model selection on the dev split (val): every eval_every steps and at the last step the model is
+    # scored with select_on (auto: rsum for alignment, CIDEr of greedy captions for captioners; loss:
+    # the dev loss) and the best evaluation's weights are the model saved. eval_every: null = the
+    # checkpoint_every cadence, 0 = the last step only. patience: stop after that many evaluations
+    # without improvement (0 = never stop early). dev_images: the first N val images scored (0 = all)
+    eval_every: int | None = None
+    select_on: Literal["auto", "loss"] = "auto"
+    patience: int = 0
+    dev_images: int = 200
 
     def check(self, p):
         positive(p, self, "grad_accum_steps")
         if self.checkpoint_every < 0:
             raise ParamError(f"{p}.checkpoint_every: must be >= 0 (0 = never), got {self.checkpoint_every}")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ParamError(f"{p}.eval_every: must be >= 0 (0 = the last step only, null = checkpoint_every), "
+                             f"got {self.eval_every}")
+        if self.patience < 0:
+            raise ParamError(f"{p}.patience: must be >= 0 (0 = never stop early), got {self.patience}")
+        if self.patience and (self.checkpoint_every if self.eval_every is None else self.eval_every) == 0:
+            raise ParamError(f"{p}.patience: {self.patience} needs evaluations during training, but train.eval_every "
+                             f"(or checkpoint_every, when eval_every is null) is 0: set it, or patience: 0")
+        if self.dev_images < 0:
+            raise ParamError(f"{p}.dev_images: must be >= 0 (0 = the whole val split), got {self.dev_images}")
         if self.threads < 0:
             raise ParamError(f"{p}.threads: must be >= 0 (0 = auto), got {self.threads}")
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
@@ -119,6 +144,10 @@ class EvaluateConfig:
     batch_size: int = 64
     max_images: int = 0  # 0 = the whole test split
     picture_images: int = 8
+    # captioners: the decodings scored side by side (metrics/<variant>.json "decodings"), besides the
+    # variant's own decoding (the headline); beam uses the variant's decoding.beam_size
+    decodings: list[Literal["greedy", "beam", "greedy_block_trigrams", "beam_block_trigrams"]] = field(
+        default_factory=lambda: ["greedy", "beam"])
 
     def check(self, p):
         positive(p, self, "batch_size")

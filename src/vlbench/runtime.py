@@ -1,4 +1,4 @@
-"""Device choice, seeding and image loading shared by the stages."""
+"""Device choice and checks, CPU threads, seeding and image loading shared by the stages."""
 from __future__ import annotations
 
 import hashlib

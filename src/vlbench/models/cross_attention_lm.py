@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecodingConfig, OptimConfig, VariantConfig, in_range, positive
+from ..config import DecodingConfig, OptimConfig, ScstConfig, VariantConfig, in_range, positive
 from .lm_captioner import LMCaptioner
+from .sampling import Samples, sample_after_embeds
 from .multihead import merge_heads, split_heads
 from .registry import check_image_encoder, check_language_model, create_language_model
 from .tokenizers import pad_sequences
@@ -46,6 +47,7 @@ class CrossAttentionLMConfig(VariantConfig):
     caption_sampling: Literal["random", "all"] = "random"
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=16, steps=150))
+    scst: ScstConfig = field(default_factory=ScstConfig)  # self-critical CIDEr-D training after optim.steps
 
     def check(self, p):
         positive(p, self, "every_n_layers", "heads", "max_len", "gate_lr_scale")
@@ -166,6 +168,15 @@ class CrossAttentionLMCaptioner(LMCaptioner):
         # generate expands each row num_beams times, item-major: expand the vision tokens alike
         with self.attending(self.vision(grid).repeat_interleave(beams, 0)):
             return self.generate_after(self.start.expand(len(grid), -1, -1), decoding, generator, use_cache)
+
+    def sample_with_logprobs(self, grid: torch.Tensor, k: int, max_len: int,
+                             generator: torch.Generator | None = None) -> Samples:
+        """k captions sampled per image (rows item-major) with their summed log-probabilities,
+        which carry gradients (self-critical training; models/sampling.py)."""
+        rows = len(grid) * k
+        with self.attending(self.vision(grid).repeat_interleave(k, 0)):
+            start = self.start.expand(rows, -1, -1).to(self.lm.get_input_embeddings().weight.dtype)
+            return sample_after_embeds(self, start, 1, max_len, generator)
 
 
 @register_variant("cross_attention_lm", family="captioning", config=CrossAttentionLMConfig)

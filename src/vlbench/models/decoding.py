@@ -115,3 +115,31 @@ def beam_search(state, batch: int, bos, eos, beam: int, max_len: int) -> torch.T
             break
     best = scores.argmax(-1) + torch.arange(b, device=device) * beam
     return ids[best]
+
+
+class TrigramBlocking:
+    """Wraps a decoder state: a token that would complete a trigram already in the row gets
+    log-probability -inf, so no token trigram occurs twice in a caption (``decoding.block_trigrams``;
+    with the ``words`` tokenizer, word trigrams). Works under greedy, nucleus and beam search."""
+
+    def __init__(self, state):
+        self.state, self.device = state, state.device
+
+    def logp(self, ids: torch.Tensor) -> torch.Tensor:
+        logp = self.state.logp(ids)
+        if ids.shape[1] < 3:
+            return logp
+        rows, banned = [], []
+        for r, seq in enumerate(ids.tolist()):
+            last = tuple(seq[-2:])
+            for i in range(len(seq) - 2):
+                if (seq[i], seq[i + 1]) == last:
+                    rows.append(r)
+                    banned.append(seq[i + 2])
+        if rows:
+            logp = logp.index_put((torch.tensor(rows, device=logp.device), torch.tensor(banned, device=logp.device)),
+                                  torch.tensor(float("-inf"), device=logp.device))
+        return logp
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.state.reorder(rows)

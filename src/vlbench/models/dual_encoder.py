@@ -12,7 +12,11 @@ from torch import nn
 
 from ..config import LoraConfig, OptimConfig, VariantConfig, in_range, positive
 from ..errors import ParamError
-from .registry import check_image_encoder, check_text_encoder, create_image_encoder, create_text_encoder
+from .components import transformer_layers
+from .contrastive import max_violation_loss, multi_positive_loss, same_image
+from .pooling import image_pool, pool_tokens
+from .registry import (TEXT_LAYERS, check_image_encoder, check_text_encoder, create_image_encoder, create_text_encoder,
+                       gives_cnn_grid)
 from .reranker import CrossAttentionReranker, RerankerConfig, itm_loss
 from .variant_registry import register_variant
 
@@ -23,8 +27,13 @@ class DualEncoderConfig(VariantConfig):
 
     text_encoder: str = "minilm_l6"
     text_pooling: Literal["cls", "mean"] = "mean"
-    image_pooling: Literal["cls", "mean"] = "mean"  # cls: ViT encoders only (a CNN grid has no CLS token)
+    # cls: ViT encoders only (a CNN grid has no CLS token); attention: a learned query over the
+    # tokens (starts as mean); gem: generalised mean, learnable exponent (non-negative CNN grids)
+    image_pooling: Literal["cls", "mean", "attention", "gem"] = "mean"
     text_tuning: Literal["frozen", "full", "lora"] = "frozen"
+    # full / lora: tune only the top n transformer layers (0 = all); the frozen ones below run
+    # without autograd (nothing there needs a gradient) and without dropout
+    text_tune_layers: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_text_len: int = 32
     attention_window: int = 16  # Longformer encoders only: tokens in the sliding window (even)
@@ -33,21 +42,44 @@ class DualEncoderConfig(VariantConfig):
     dropout: float = 0.1
     init_temperature: float = 0.07
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    # infonce: symmetric InfoNCE; multi_positive: the captions of one image in a batch are all its
+    # positives, none another's negative; vse_max_violation: VSE++ hinge on the hardest negative
+    loss: Literal["infonce", "multi_positive", "vse_max_violation"] = "infonce"
+    hard_negative_beta: float = 0.0  # infonce / multi_positive: negatives weighted by e^(beta x logit) (Robinson et al.)
+    margin: float = 0.2  # vse_max_violation: the cosine margin
+    captions_per_image: int = 1  # distinct captions drawn per sampled image each step (> 1: not with infonce)
     # pixel_variants only: tune the image encoder end to end, on images resized to image_size
     image_tuning: Literal["frozen", "full", "lora"] = "frozen"
     image_lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules=["conv_pw", "conv_pwl"]))
-    image_size: int = 128
+    image_size: int | Literal["native"] = 128  # native: the image encoder's own resolution
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def check(self, p):
-        positive(p, self, "max_text_len", "embed_dim", "init_temperature", "image_size")
+        positive(p, self, "max_text_len", "embed_dim", "init_temperature", "margin", "captions_per_image")
+        if self.image_size != "native":
+            positive(p, self, "image_size")
         if self.attention_window <= 0 or self.attention_window % 2:
             raise ParamError(f"{p}.attention_window: must be even and > 0, got {self.attention_window}")
         in_range(p, self, "dropout", 0.0, 0.9)
         check_image_encoder(f"{p}.image_encoder", self.image_encoder)
         check_text_encoder(f"{p}.text_encoder", self.text_encoder)
-        if self.image_pooling == "cls" and self.image_encoder == "efficientnet_lite0":
+        if self.image_pooling == "cls" and gives_cnn_grid(self.image_encoder):
             raise ParamError(f"{p}.image_pooling: {self.image_encoder} gives a CNN grid, which has no CLS token; use mean")
+        if self.text_tune_layers < 0:
+            raise ParamError(f"{p}.text_tune_layers: must be >= 0 (0 = all layers), got {self.text_tune_layers}")
+        if self.text_tune_layers and self.text_tuning == "frozen":
+            raise ParamError(f"{p}.text_tune_layers: needs text_tuning full or lora (the text encoder is frozen)")
+        if self.text_tune_layers > TEXT_LAYERS.get(self.text_encoder, self.text_tune_layers):
+            raise ParamError(f"{p}.text_tune_layers: {self.text_tune_layers}, but {self.text_encoder} has "
+                             f"{TEXT_LAYERS[self.text_encoder]} layers")
+        if self.hard_negative_beta < 0:
+            raise ParamError(f"{p}.hard_negative_beta: must be >= 0 (0 = off), got {self.hard_negative_beta}")
+        if self.hard_negative_beta and self.loss == "vse_max_violation":
+            raise ParamError(f"{p}.hard_negative_beta: weights InfoNCE's negatives; vse_max_violation takes "
+                             f"the hardest one already")
+        if self.captions_per_image > 1 and self.loss == "infonce":
+            raise ParamError(f"{p}.captions_per_image: {self.captions_per_image} captions of an image would be each "
+                             f"other's negatives under loss infonce: use multi_positive or vse_max_violation")
 
 
 
@@ -69,16 +101,6 @@ class ProjectionHead(nn.Module):
         if self.kind == "mlp":
             h = self.norm(h + self.drop(self.fc(F.gelu(h))))
         return h
-
-
-def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
-    """``cls``: the first token. ``mean``: average of the tokens the mask keeps."""
-    if how == "cls":
-        return tokens[:, 0]
-    if mask is None:
-        return tokens.mean(1)
-    m = mask.unsqueeze(-1).to(tokens.dtype)
-    return (tokens * m).sum(1) / m.sum(1).clamp_min(1e-6)
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -105,18 +127,33 @@ class DualEncoder(nn.Module):
                 lora = cfg.image_lora
                 inject_adapter_in_model(PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                    target_modules=lora.target_modules), image_encoder.backbone)
+        self.image_pool = image_pool(cfg.image_pooling, image_dim)
         self.image_head = ProjectionHead(image_dim, cfg.embed_dim, cfg.head, cfg.dropout)
         self.text_head = ProjectionHead(text_encoder.dim, cfg.embed_dim, cfg.head, cfg.dropout)
         self.tokenizer = text_encoder.tokenizer
         self.text_model = text_encoder.model
         self.text_model.requires_grad_(cfg.text_tuning == "full")
+        # text_tune_layers: n: the bottom layers and the embeddings stay frozen (in eval mode)
+        layers_name, layers = transformer_layers(self.text_model) if cfg.text_tune_layers else ("", [])
+        if cfg.text_tune_layers > len(layers):
+            raise ParamError(f"text_tune_layers: {cfg.text_tune_layers}, but {cfg.text_encoder} has {len(layers)} layers")
+        tuned = list(range(len(layers) - cfg.text_tune_layers, len(layers)))
+        self.text_frozen_parts = [m for m in (getattr(self.text_model, "embeddings", None), *layers[: len(layers) - len(tuned)])
+                                  if m is not None]
+        self.text_tuned_prefixes = tuple(f"text_model.{layers_name}.{i}." for i in tuned)
+        if cfg.text_tuning == "full" and tuned:
+            self.text_model.requires_grad_(False)
+            for i in tuned:
+                layers[i].requires_grad_(True)
         if cfg.text_tuning == "lora":
             from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
             lora = cfg.lora
+            where = {"layers_to_transform": tuned, "layers_pattern": layers_name.split(".")[-1]} if tuned else {}
             self.text_model = get_peft_model(self.text_model, PeftLoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules))
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, **where))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.logit_scale.requires_grad_(cfg.loss != "vse_max_violation")  # VSE++ compares cosines to a margin
         self.reranker = None
         if cfg.reranker.top_k:
             self.reranker = CrossAttentionReranker(text_encoder.dim, image_dim, n_grid, cfg.reranker)
@@ -128,6 +165,8 @@ class DualEncoder(nn.Module):
         super().train(mode)
         if self.cfg.text_tuning == "frozen":
             self.text_model.eval()  # a frozen encoder keeps its dropout off
+        for part in self.text_frozen_parts:  # and so do the frozen layers under the tuned ones
+            part.eval()
         if self.image_encoder is not None:
             self.image_encoder.eval()  # BatchNorm keeps its pretraining statistics: our batches are small
         return self
@@ -141,7 +180,7 @@ class DualEncoder(nn.Module):
 
     def embed_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens [B, T, C] (a CNN grid or ViT tokens) -> pooled -> normalised embeddings."""
-        return F.normalize(self.image_head(pool_tokens(tokens.float(), None, self.cfg.image_pooling)), dim=-1)
+        return F.normalize(self.image_head(self.image_pool(tokens.float())), dim=-1)
 
     def text_tokens(self, captions: list[str], device, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Text-encoder token states [B, L, D] and attention mask [B, L] (``pad_to``: a fixed L,
@@ -165,30 +204,48 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_head(feats), dim=-1)
 
     def forward(self, images: torch.Tensor, text_pooled: torch.Tensor,
-                text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss (DDP's entry point): on many processes the contrastive batch is the
         global batch, every rank's embeddings gathered, so it equals the one-process loss."""
-        return self.loss(images, text_pooled, text_tokens, text_mask, global_batch=True)
+        return self.loss(images, text_pooled, text_tokens, text_mask, global_batch=True, image_ids=image_ids)
 
     def loss(self, images: torch.Tensor, text_pooled: torch.Tensor,
              text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-             global_batch: bool = False) -> torch.Tensor:
+             global_batch: bool = False, image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Contrastive loss, plus the re-ranker's matching loss on hard negatives when it has one
         (it needs the caption's token states). ``images``: cached token grids or pixels.
         ``global_batch``: contrast against all ranks' pairs (the re-ranker's hard negatives stay
-        this rank's own: its token states are not gathered)."""
+        this rank's own: its token states are not gathered). ``image_ids`` [B]: which image each
+        pair shows (with ``captions_per_image`` > 1 an image appears in several pairs)."""
         image_tokens = self.image_tokens(images)
         img, txt = self.embed_images(image_tokens), self.embed_text_features(text_pooled)
         if global_batch:
             from ..distributed import gather
 
-            loss = contrastive_loss(gather(img), gather(txt), self.scale())
+            loss = self.contrast(gather(img), gather(txt), None if image_ids is None else gather(image_ids))
         else:
-            loss = contrastive_loss(img, txt, self.scale())
+            loss = self.contrast(img, txt, image_ids)
         if self.reranker is not None:
             logits = (self.scale() * img @ txt.t()).detach()
+            if image_ids is not None and self.cfg.captions_per_image > 1:  # no other caption of the image as a negative
+                logits = logits.masked_fill(same_image(image_ids) & ~torch.eye(len(logits), dtype=torch.bool,
+                                                                                device=logits.device), float("-inf"))
             loss = loss + self.cfg.reranker.itm_weight * itm_loss(self.reranker, logits, text_tokens, text_mask, image_tokens)
         return loss
+
+    def contrast(self, img: torch.Tensor, txt: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor:
+        """The alignment loss of ``cfg.loss`` on a batch of embedded pairs (models/contrastive.py)."""
+        cfg = self.cfg
+        if cfg.loss == "infonce" and not cfg.hard_negative_beta:
+            return contrastive_loss(img, txt, self.scale())
+        if cfg.loss == "infonce" or image_ids is None:  # infonce: the matched pair is the only positive
+            positives = torch.eye(len(img), dtype=torch.bool, device=img.device)
+        else:
+            positives = same_image(image_ids.to(img.device))
+        if cfg.loss == "vse_max_violation":
+            return max_violation_loss(img, txt, positives, cfg.margin)
+        return multi_positive_loss(img, txt, self.scale(), positives, cfg.hard_negative_beta)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold: heads, temperature and re-ranker, plus what of each encoder
@@ -197,8 +254,9 @@ class DualEncoder(nn.Module):
             return tuning == "full" or (tuning == "lora" and "lora_" in k)
 
         def keep(k: str) -> bool:
-            if k.startswith("text_model."):
-                return tuned(self.cfg.text_tuning, k)
+            if k.startswith("text_model."):  # text_tune_layers: only the layers it tuned
+                return tuned(self.cfg.text_tuning, k) and (not self.cfg.text_tune_layers or "lora_" in k
+                                                           or k.startswith(self.text_tuned_prefixes))
             if k.startswith("image_encoder."):
                 return tuned(self.cfg.image_tuning, k)
             return True

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecodingConfig, OptimConfig, VariantConfig, in_range, positive
+from ..config import DecodingConfig, OptimConfig, ScstConfig, VariantConfig, in_range, positive
 from ..errors import ParamError
-from .decoding import CachedDecoding, FullDecoding, beam_search, sample_or_greedy
+from .decoding import CachedDecoding, FullDecoding, TrigramBlocking, beam_search, sample_or_greedy
 from .positions import RotaryEncoderLayer, sincos_2d
 from .registry import check_image_encoder
+from .sampling import Samples, sample_grid_transformer
 from .tokenizers import BOS, EOS, PAD, BPEVocabulary, Vocabulary, pad_sequences
 from .variant_registry import register_variant
 
@@ -40,6 +41,7 @@ class GridTransformerConfig(VariantConfig):
     caption_sampling: Literal["random", "all"] = "random"  # per sampled image and step: one random caption, or all of them
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    scst: ScstConfig = field(default_factory=ScstConfig)  # self-critical CIDEr-D training after optim.steps
 
     def check(self, p):
         positive(p, self, "d_model", "encoder_layers", "decoder_layers", "heads", "min_word_count", "max_len")
@@ -116,12 +118,20 @@ class GridTransformerCaptioner(nn.Module):
         beam = decoding.beam_size if decoding.strategy == "beam" else 1
         memory = self.encode(grid).repeat_interleave(beam, 0)
         state = (CachedDecoding if use_cache else FullDecoding)(self, memory)
+        if getattr(decoding, "block_trigrams", False):  # no token trigram twice in a caption
+            state = TrigramBlocking(state)
         max_len = min(decoding.max_len, self.cfg.max_len)
         if decoding.strategy == "beam":
             ids = beam_search(state, len(grid), BOS, EOS, beam, max_len)
         else:
             ids = sample_or_greedy(state, len(grid), BOS, EOS, max_len, decoding, generator)
         return [self.vocab.decode(row[1:]) for row in ids]
+
+    def sample_with_logprobs(self, grid: torch.Tensor, k: int, max_len: int,
+                             generator: torch.Generator | None = None) -> Samples:
+        """k captions sampled per image (rows item-major) with their summed log-probabilities,
+        which carry gradients (self-critical training; models/sampling.py)."""
+        return sample_grid_transformer(self, grid, k, max_len, generator)
 
 
 def word_vocabulary(cfg: GridTransformerConfig, captions: list[str]) -> dict:

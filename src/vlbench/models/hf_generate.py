@@ -15,6 +15,8 @@ def hf_generate_kwargs(decoding, tokenizer, use_cache: bool) -> dict:
         kw.update(num_beams=decoding.beam_size)
     elif decoding.strategy == "nucleus":
         kw.update(do_sample=True, top_p=decoding.top_p, temperature=decoding.temperature)
+    if getattr(decoding, "block_trigrams", False):  # no LM-token trigram twice in a caption
+        kw.update(no_repeat_ngram_size=3)
     return kw
 
 

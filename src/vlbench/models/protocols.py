@@ -43,11 +43,13 @@ class AlignmentModel(Protocol):
         """The (clamped) logit scale: 1 / temperature."""
 
     def loss(self, images: torch.Tensor, text_pooled: torch.Tensor, text_tokens: torch.Tensor | None = None,
-             text_mask: torch.Tensor | None = None, global_batch: bool = False) -> torch.Tensor:
-        """The training loss of matched (image, caption) pairs on this process."""
+             text_mask: torch.Tensor | None = None, global_batch: bool = False,
+             image_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of matched (image, caption) pairs on this process (``image_ids``: the
+        image of each pair, when an image may appear in several)."""
 
     def forward(self, images: torch.Tensor, text_pooled: torch.Tensor, text_tokens: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss over the global batch (the entry point of DDP and torch.compile)."""
 
 
@@ -66,6 +68,10 @@ class CaptioningModel(Protocol):
     def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> list[str]:
         """One caption per image; ``decoding`` a config.DecodingConfig, sampling drawn from ``generator``."""
+
+    def sample_with_logprobs(self, grid: torch.Tensor, k: int, max_len: int, generator: torch.Generator | None = None):
+        """k captions sampled per image from the full distribution (rows item-major), as a
+        models.sampling.Samples: token ids, texts, and summed log-probabilities with gradients."""
 
 
 FAMILIES: dict[str, type] = {"alignment": AlignmentModel, "captioning": CaptioningModel}

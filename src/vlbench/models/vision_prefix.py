@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecodingConfig, OptimConfig, VariantConfig, in_range, positive
+from ..config import DecodingConfig, OptimConfig, ScstConfig, VariantConfig, in_range, positive
 from .lm_captioner import LMCaptioner
+from .sampling import Samples, sample_after_embeds
 from .registry import check_image_encoder, check_language_model, create_language_model
 from .variant_registry import register_variant
 
@@ -30,6 +31,7 @@ class VisionPrefixConfig(VariantConfig):
     caption_sampling: Literal["random", "all"] = "random"
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=16, steps=150))
+    scst: ScstConfig = field(default_factory=ScstConfig)  # self-critical CIDEr-D training after optim.steps
 
     def check(self, p):
         positive(p, self, "prefix_hidden", "max_len")
@@ -74,6 +76,12 @@ class VisionPrefixCaptioner(LMCaptioner):
     def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> list[str]:
         return self.generate_after(self.prefix_embeds(grid), decoding, generator, use_cache)
+
+    def sample_with_logprobs(self, grid: torch.Tensor, k: int, max_len: int,
+                             generator: torch.Generator | None = None) -> Samples:
+        """k captions sampled per image (rows item-major) with their summed log-probabilities,
+        which carry gradients (self-critical training; models/sampling.py). The prefix runs once per image."""
+        return sample_after_embeds(self, self.prefix_embeds(grid), k, max_len, generator)
 
 
 @register_variant("vision_prefix", family="captioning", config=VisionPrefixConfig)

@@ -22,7 +22,6 @@ from tqdm import tqdm
 from .. import io
 from ..errors import ParamError
 from ..params import load_params, section
-from ..validation import validate_all
 
 EXIF_ORIENTATION = 0x0112
 EXPECTED_CAPTIONS = 5  # Flickr8k, Flickr30k and COCO have at least 5 per image (shapes: exactly 5)
@@ -79,14 +78,16 @@ def _draw_shapes(cfg, tmp: Path) -> tuple[list[dict], dict]:
 
 def run(params_path: str, out: str, cache: str = "data/downloads") -> None:
     raw = load_params(params_path)
-    validate_all(raw)  # the first stage checks everything, before any expensive work
     cfg = section(raw, "data")
     root = None
     if cfg.name != "shapes":
         from ..data import fetch
 
         # Downloads go to the cache first, outside the atomic output folder: they are resumable.
-        root = Path(cfg.root) if cfg.root else fetch.fetch_dataset(cfg.name, cache, cfg.urls)
+        # Relative paths are the project's (io.project_root), also when a queued DVC experiment
+        # runs this stage in a temporary copy of the repository.
+        home = io.project_root()
+        root = home / cfg.root if cfg.root else fetch.fetch_dataset(cfg.name, home / cache, cfg.urls)
     with io.atomic_dir(out) as tmp:
         if root is None:
             records, report = _draw_shapes(cfg, tmp)

@@ -31,6 +31,7 @@ from ..models.trained import load_trained
 from ..params import load_params, section
 from ..runtime import configure_threads, pick_device, seed_everything
 from ..tracking import Tracker
+from ..training import encode_texts
 
 
 def peak_memory_mb(device) -> float:
@@ -65,22 +66,14 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     t0 = time.perf_counter()
     img = torch.cat([model.embed_images(model.image_tokens(b)) for b in image_batches()])
-    pooled, tokens, masks = [], [], []
     keep_tokens = model.reranker is not None
-    for s in tqdm(range(0, len(flat), batch_size), desc="embed captions", unit="batch"):
-        t, m = model.text_tokens(flat[s : s + batch_size], device, pad_to=model.cfg.max_text_len if keep_tokens else None)
-        pooled.append(model.pool_text(t, m))
-        if keep_tokens:
-            tokens.append(t)
-            masks.append(m)
-    pooled = torch.cat(pooled)
+    pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=keep_tokens, desc="embed captions")
     sim = img @ model.embed_text_features(pooled).t()
     seconds = time.perf_counter() - t0
     metrics = retrieval_metrics(sim, owner.to(device))
     # one query = one caption (t2i) or one image (i2t); the cost is embedding both sides + one matmul
     speed = {"queries_per_s": len(flat) / seconds, "ms_per_1000_queries": seconds / (len(flat) + n) * 1e6}
     if keep_tokens:
-        tokens, masks = torch.cat(tokens), torch.cat(masks)
         image_tokens = torch.cat([model.image_tokens(b) for b in image_batches()])
 
         text_p, mask_p, image_p = model.reranker.project(tokens, masks, image_tokens)
@@ -150,31 +143,44 @@ def nearest_neighbour_captions(test_feats, train_feats, train_captions: list[lis
 
 
 def evaluate_captioning(model: CaptioningModel, cfg, feats, captions, ids, paths, train_feats, train_captions, device,
-                        batch_size, n_pictures, picture_path, seed):
-    from ..metrics.caption import caption_metrics
+                        batch_size, n_pictures, picture_path, seed, decodings=("greedy", "beam")):
+    """Captions of the test images under each decoding of ``evaluate.decodings`` and the variant's own
+    (metrics/decodings.py), each scored once; the headline metrics are those of the variant's own."""
+    from ..metrics.decodings import decodings_to_compare, score
+    from ..metrics.diversity import diversity
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    hyps, t0 = [], time.perf_counter()
-    for s in tqdm(range(0, len(feats), batch_size), desc=f"caption ({cfg.decoding.strategy})", unit="batch"):
-        grid = torch.from_numpy(np.array(feats[s : s + batch_size])).to(device)
-        hyps.extend(model.generate(grid, cfg.decoding, generator=gen))
-    seconds = time.perf_counter() - t0
     refs = {i: list(c) for i, c in zip(ids, captions)}
-    metrics = caption_metrics(refs, dict(zip(ids, hyps)))
+    runs, head = decodings_to_compare(cfg.decoding, decodings)
+    table, by_decoding = {}, {}
+    for dname, dec in runs.items():
+        gen = torch.Generator(device=device).manual_seed(seed)  # every decoding samples from the same seed
+        hyps, t0 = [], time.perf_counter()
+        for s in tqdm(range(0, len(feats), batch_size), desc=f"caption ({dname})", unit="batch"):
+            grid = torch.from_numpy(np.array(feats[s : s + batch_size])).to(device)
+            hyps.extend(model.generate(grid, dec, generator=gen))
+        seconds = time.perf_counter() - t0
+        by_decoding[dname] = hyps
+        table[dname] = {**score(refs, dict(zip(ids, hyps))), "captions_per_s": len(ids) / seconds}
+    hyps = by_decoding[head]
+    metrics = {k: v for k, v in table[head].items() if k != "captions_per_s"}
     rng = random.Random(seed)
     chance_hyps = {i: rng.choice(rng.choice(train_captions)) for i in ids}
-    chance = caption_metrics(refs, chance_hyps, spice=False)
+    chance = score(refs, chance_hyps, spice=False)
     nn_hyps = dict(zip(ids, nearest_neighbour_captions(feats, train_feats, train_captions)))
-    nearest = caption_metrics(refs, nn_hyps, spice=False)
-    speed = {"captions_per_s": len(ids) / seconds}
+    nearest = score(refs, nn_hyps, spice=False)
+    speed = {"captions_per_s": table[head]["captions_per_s"]}
     from ..pictures import caption_grid
 
     caption_grid(paths[:n_pictures], hyps[:n_pictures], [c[0] for c in captions[:n_pictures]], picture_path)
-    generated = [{"image_id": i, "caption": h, "nearest_neighbour": nn_hyps[i], "references": refs[i]} for i, h in zip(ids, hyps)]
-    return metrics, {"chance": chance, "nearest_neighbour": nearest}, speed, generated
+    generated = [{"image_id": i, "caption": h, "nearest_neighbour": nn_hyps[i], "references": refs[i],
+                  "decodings": {d: c[j] for d, c in by_decoding.items()}} for j, (i, h) in enumerate(zip(ids, hyps))]
+    human = diversity([c[0] for c in captions])  # the first human reference of each image
+    return metrics, {"chance": chance, "nearest_neighbour": nearest, "references": human, "decoding": head,
+                     "decodings": table}, speed, generated
 
 
 def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_dir: str, metrics_dir: str) -> None:
+    started_at = time.time()  # the run's duration counts the evaluation (after its training)
     raw = load_params(params_path)
     ecfg, tcfg, tracking = section(raw, "evaluate"), section(raw, "train"), section(raw, "tracking")
     seed_everything(tcfg.seed)
@@ -211,20 +217,25 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
         train_caps = [list(by_id[i]) for i in train_ids]
         metrics, baselines, speed, generated = evaluate_captioning(
             model, cfg, feats, captions, ids, paths, train_feats, train_caps, device, ecfg.batch_size,
-            ecfg.picture_images, picture, tcfg.seed)
+            ecfg.picture_images, picture, tcfg.seed, ecfg.decodings)
     speed["peak_memory_mb"] = peak_memory_mb(device)
     result = {"variant": name, "family": cfg.family, "model": cfg.model, "split": "test", "images": n,
               "captions": sum(map(len, captions)), "metrics": metrics, **baselines, "speed": speed,
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "params": meta["params"]}
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "params": meta["params"],
+              "selection": meta.get("selection")}  # the dev evaluation that picked this model (train stage)
     if cfg.family == "alignment" and cfg.reranker.top_k:
         result["rerank_top_k"] = cfg.reranker.top_k
     if generated is not None:
         io.write_json(metrics_dir / f"{name}_captions.json", generated)
     io.write_json(metrics_dir / f"{name}.json", result)
 
-    with Tracker(tracking.experiment, name, Path(model_dir) / "run_id", resume=True) as mlflow:
+    read = [splits_dir, features_dir or str(Path(splits_dir).parent / "raw")]  # their DVC hashes: lineage
+    with Tracker(tracking.experiment, name, Path(model_dir) / "run_id", resume=True, inputs=read, context="evaluation",
+                 started_at=started_at) as mlflow:
         numeric = {f"test_{k}".replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, float)}
         numeric.update({f"test_{k}": v for k, v in speed.items()})
+        for dname, vals in result.get("decodings", {}).items():  # captioners: every decoding scored
+            numeric.update({f"test_{dname}_{k}": v for k, v in vals.items() if isinstance(v, float)})
         mlflow.log_metrics(numeric)
         mlflow.log_artifact(str(metrics_dir / f"{name}.json"), "evaluation")
         mlflow.log_artifact(str(picture), "pictures")

@@ -1,7 +1,8 @@
 """Stage `features`: run one image encoder over every split once and cache its token grids.
 
 Writes ``<out>/<split>.npy`` (float16, [N, T, C], memory-mapped by training) and
-``<out>/<split>_ids.json`` (image ids in row order), plus ``<out>/meta.json``.
+``<out>/<split>_ids.json`` (image ids in row order), plus ``<out>/meta.json`` (backbone, the image
+size used: ``features.image_size``, or with ``native`` the backbone's own resolution, and dims).
 
 Resumable: images are encoded in shards, each saved atomically under
 ``checkpoints/features/<backbone>/`` (outside DVC's outs, so a rerun keeps them). An interrupted
@@ -23,7 +24,7 @@ from .. import io
 from ..data.manifests import SPLITS, read_manifest
 from ..errors import ParamError
 from ..image_features import encode_paths
-from ..models.registry import create_image_encoder
+from ..models.registry import create_image_encoder, resolve_image_size
 from ..params import load_params, section
 from ..runtime import configure_threads, fault_point, fingerprint, pick_device
 
@@ -60,12 +61,13 @@ def run(params_path: str, backbone: str, splits_dir: str, out: str, shards_dir: 
         raise ParamError(f"features.backbones: {backbone!r} is not listed ({cfg.backbones})")
     device = pick_device()
     encoder = create_image_encoder(backbone)
+    size = resolve_image_size(cfg.image_size, backbone)  # `native`: the backbone's own resolution
     manifests = {split: read_manifest(splits_dir, split) for split in SPLITS}
     shard_size = cfg.batch_size * max(1, 512 // cfg.batch_size)  # whole batches: same results resumed or not
-    key = fingerprint(backbone, cfg.image_size, shard_size, str(device), {k: list(v["path"]) for k, v in manifests.items()})
+    key = fingerprint(backbone, size, shard_size, str(device), {k: list(v["path"]) for k, v in manifests.items()})
     shards = Shards(Path(shards_dir or f"checkpoints/features/{backbone}"), key)
     written = reused = 0
-    meta = {"backbone": backbone, "image_size": cfg.image_size, "dim": encoder.dim, "splits": {}}
+    meta = {"backbone": backbone, "image_size": size, "image_size_param": cfg.image_size, "dim": encoder.dim, "splits": {}}
     with io.atomic_dir(out) as tmp:
         for split, df in manifests.items():
             paths, parts = list(df["path"]), []
@@ -74,7 +76,7 @@ def run(params_path: str, backbone: str, splits_dir: str, out: str, shards_dir: 
                 for i, s in enumerate(range(0, len(paths), shard_size)):
                     part = shards.load(split, i)
                     if part is None:
-                        part = encode_paths(encoder, paths[s : s + shard_size], cfg.image_size, cfg.batch_size, device, bar=bar)
+                        part = encode_paths(encoder, paths[s : s + shard_size], size, cfg.batch_size, device, bar=bar)
                         shards.save(split, i, part)
                         written += 1
                         fault_point(written)

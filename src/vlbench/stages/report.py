@@ -11,7 +11,8 @@ from .. import io
 from ..params import load_params, variant_names
 
 RETRIEVAL_COLS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_median_rank", "t2i_median_rank"]
-CAPTION_COLS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]
+CAPTION_COLS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "distinct_captions", "trigram_repeat"]
+DECODING_COLS = ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "distinct_captions", "trigram_repeat"]
 
 
 def _fmt(v) -> str:
@@ -57,6 +58,41 @@ def _against_references(align: list[dict]) -> list[str]:
     return out
 
 
+def _decodings(caps: list[dict]) -> list[str]:
+    """Every captioner under each decoding its evaluation scored (metrics/<variant>.json ``decodings``);
+    the configured one gives the headline numbers, the best CIDEr is in bold."""
+    caps = [r for r in caps if r.get("decodings")]
+    if not caps:
+        return []
+    out = ["## Captioning: decodings side by side", "",
+           "| variant | decoding | " + " | ".join(DECODING_COLS) + " | speed |", "|---" * (len(DECODING_COLS) + 3) + "|"]
+    wins = []
+    for r in caps:
+        table = r["decodings"]
+        best = max(table, key=lambda d: table[d]["CIDEr"])
+        for d, vals in table.items():
+            label = d + (" (configured)" if d == r.get("decoding") else "")
+            label = f"**{label}**" if d == best else label
+            out.append(f"| {r['variant']} | {label} | " + " | ".join(_fmt(vals.get(c)) for c in DECODING_COLS)
+                       + f" | {vals['captions_per_s']:.1f} cap/s |")
+        wins.append(f"{r['variant']}: {best}" + ("" if best == r.get("decoding") else f" (configured: {r.get('decoding')})"))
+    return out + ["", f"Best decoding by CIDEr: {'; '.join(wins)}.", ""]
+
+
+def _selection(results: list[dict]) -> list[str]:
+    """The step each variant's model comes from: its best dev evaluation during training."""
+    rows = [r for r in results if r.get("selection")]
+    if not rows:
+        return []
+    out = ["## Model selection (dev split)", "",
+           "| variant | selected on | selected step | steps trained | dev value | evaluations |", "|---" * 6 + "|"]
+    for r in rows:
+        s = r["selection"]
+        trained = f"{s['steps_trained']} of {s['steps']} (early stop)" if s["stopped_early"] else str(s["steps_trained"])
+        out.append(f"| {r['variant']} | dev {s['metric']} | {s['step']} | {trained} | {s['value']:.3f} | {s['evaluations']} |")
+    return out + ["", "Each model is the weights of its best dev evaluation (train.eval_every), not of its last step.", ""]
+
+
 def summarise(results: list[dict]) -> str:
     lines = ["# Results", ""]
     align = [r for r in results if r["family"] == "alignment"]
@@ -86,11 +122,17 @@ def summarise(results: list[dict]) -> str:
                  _count(r)) for r in caps]
         rows.append(("*nearest neighbour* (caption of the closest training image)", r0["nearest_neighbour"], "", "", ""))
         rows.append(("*chance* (random training caption)", r0["chance"], "", "", ""))
+        if "references" in r0:  # diversity only: the first human reference of each test image
+            rows.append(("*human references* (first reference per image)", r0["references"], "", "", ""))
         lines += _table(CAPTION_COLS, rows) + [""]
         nn = r0["nearest_neighbour"]
         beat = [r["variant"] for r in caps if r["metrics"]["CIDEr"] > nn["CIDEr"] and r["metrics"]["BLEU-4"] > nn["BLEU-4"]]
         lines += ["Scores x100. SPICE shows n/a when its Stanford CoreNLP models are not installed.",
-                  f"Beat the nearest-neighbour baseline on both CIDEr and BLEU-4: {', '.join(beat) or 'none'}.", ""]
+                  f"Beat the nearest-neighbour baseline on both CIDEr and BLEU-4: {', '.join(beat) or 'none'}.",
+                  "distinct_captions: distinct captions per 1,000 test images; trigram_repeat: % of captions in which "
+                  "some word trigram occurs twice (lower is more fluent).", ""]
+        lines += _decodings(caps)
+    lines += _selection(results)
     lines += ["## Reproducibility", "",
               "Same params and seed give the same numbers on CPU (training resumed from a checkpoint included). "
               "On a GPU, identical numbers additionally need `torch.use_deterministic_algorithms(True)` and "
@@ -111,7 +153,7 @@ def run(params_path: str, metrics_dir: str) -> None:
         f = metrics_dir / "curves" / f"{v}.csv"
         if f.is_file():
             with open(f) as fh:
-                curves[v] = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
+                curves[v] = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh) if r["loss"]]  # SCST rows: no loss
     from ..pictures import training_curves
 
     with io.atomic_path(metrics_dir / "curves.png") as tmp:

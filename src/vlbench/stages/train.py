@@ -5,6 +5,12 @@ Writes ``<out>/model.safetensors``, ``<out>/config.json``, ``<out>/run_id`` and 
 curve ``<curves>`` (CSV: step, loss, lr; a DVC plot). Logs params, per-step loss and learning
 rate, and the checkpoint to the variant's MLflow run.
 
+Model selection (vlbench/selection.py): every ``train.eval_every`` steps and at the last step the
+model is scored on the dev split (rsum, greedy CIDEr or the dev loss, ``train.select_on``); the
+saved model is the best evaluation's, training stops after ``train.patience`` evaluations without
+improvement, config.json records the selected step, and the dev curve goes to ``--dev-curves``
+(CSV: step, metric, value; default ``dev/<name>`` next to ``<curves>``; a DVC plot).
+
 Resume: every ``train.checkpoint_every`` steps (and on SIGTERM) the full training state (trainable
 weights, optimizer, step, RNG states, curve so far, MLflow run id) goes to
 ``checkpoints/<variant>/last.pt``, outside the stage's outs so DVC does not delete it. Running the
@@ -38,6 +44,8 @@ from ..models.trained import save_trained
 from ..models.variants import create_variant_model, prepare_variant, variant
 from ..params import load_params, section, variant_group, variant_params
 from ..runtime import configure_threads, fault_point, fingerprint, pick_device, seed_everything
+from ..scst import run_scst
+from ..selection import Selection, eval_cadence, make_dev_metric, selection_metric
 from ..tracking import Tracker
 from ..training import Batches, Checkpoint, TextCache, accumulate, amp_dtype, lr_at, make_step
 
@@ -81,7 +89,7 @@ class Quiet:
 
 
 def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, out: str, curves: str,
-        checkpoint_dir: str | None = None) -> None:
+        checkpoint_dir: str | None = None, dev_curves: str | None = None) -> None:
     raw = load_params(params_path)
     cfg = variant(raw, name)
     pixels = variant_group(raw, name) == "pixel_variants"
@@ -133,13 +141,23 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     if tcfg.compile:
         forward = torch.compile(forward)
     step_fn = make_step(model, cfg, captions, text_cache, inputs, device, forward)
-    val_loss = make_val_loss(model, cfg, open_inputs("val", splits_dir, features_dir, cfg), splits_dir,
+    val_inputs = open_inputs("val", splits_dir, features_dir, cfg)
+    val_loss = make_val_loss(model, cfg, val_inputs, splits_dir,
                              text_cache is not None, device) if ranks.is_main else None  # rank 0 validates
-    # alignment always draws one caption per image: a repeated image would be a false negative
-    batches = Batches(len(inputs), captions, cfg.optim.batch_size, tcfg.seed, getattr(cfg, "caption_sampling", "random"))
+    # model selection on the dev split: the best evaluation's weights become the model (vlbench/selection.py)
+    selection = Selection(selection_metric(cfg.family, tcfg.select_on), tcfg.patience)
+    eval_every = eval_cadence(tcfg)
+    dev_metric = None
+    if ranks.is_main and selection.metric != "val_loss":
+        dev_metric = make_dev_metric(model, cfg, val_inputs, splits_dir, device, tcfg.dev_images)
+    # alignment draws one caption per image (a repeated image would be a false negative) unless its
+    # loss knows the pairs of one image (dual_encoder captions_per_image with multi_positive / vse_max_violation)
+    batches = Batches(len(inputs), captions, cfg.optim.batch_size, tcfg.seed, getattr(cfg, "caption_sampling", "random"),
+                      getattr(cfg, "captions_per_image", 1))
 
     ckpt = Checkpoint(Path(checkpoint_dir or f"checkpoints/{name}"),
-                      fingerprint(variant_params(raw, name), tcfg.seed, tcfg.precision, tcfg.grad_accum_steps, extra, ids))
+                      fingerprint(variant_params(raw, name), tcfg.seed, tcfg.precision, tcfg.grad_accum_steps, extra, ids,
+                                  [eval_every, tcfg.select_on, tcfg.patience, tcfg.dev_images]))
     state = ckpt.load()
     start, rows, best_val = 0, [], float("inf")
     run_id_file = out_dir / "run_id"
@@ -150,6 +168,7 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         batches.rng.setstate(state["batch_rng"])
         torch.set_rng_state(state["torch_rng"])
         start, rows, best_val = state["step"], state["rows"], state["best_val_loss"]
+        selection.load_state_dict(state["selection"])
         if ranks.is_main:
             io.write_text(run_id_file, state["run_id"])
             print(f"vlbench train: resuming {name} from step {start}/{cfg.optim.steps}", file=sys.stderr)
@@ -157,7 +176,10 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
-    tracker = Tracker(tracking.experiment, name, run_id_file, resume=state is not None) if ranks.is_main else Quiet()
+    # lineage: the DVC hashes of what it trains on (data/raw for pixel variants: their images)
+    read = [splits_dir, features_dir or str(Path(splits_dir).parent / "raw")]
+    tracker = Tracker(tracking.experiment, name, run_id_file, resume=state is not None, inputs=read,
+                      context="training") if ranks.is_main else Quiet()
     with tracker as mlflow:
         if state is None:
             mlflow.log_params({**to_flat_dict(cfg), "seed": tcfg.seed, "device": str(device),
@@ -165,22 +187,32 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                                "precision": tcfg.precision, "compile": tcfg.compile,
                                "grad_accum_steps": tcfg.grad_accum_steps, "world_size": ranks.world_size})
 
-        def save_checkpoint(next_step: int) -> None:
+        def save_checkpoint(next_step: int, **more) -> None:
             ckpt.save(model={k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
                       optim=optim.state_dict(), scaler=scaler.state_dict(), step=next_step, rows=rows,
                       batch_rng=batches.rng.getstate(),
-                      torch_rng=torch.get_rng_state(), run_id=mlflow.run_id, best_val_loss=best_val)
+                      torch_rng=torch.get_rng_state(), run_id=mlflow.run_id, best_val_loss=best_val,
+                      selection=selection.state_dict(), **more)
 
         def validate(at_step: int) -> None:
             nonlocal best_val
             with amp:
                 loss = val_loss()
             best_val = min(best_val, loss)
-            mlflow.log_metrics({"val_loss": loss, "best_val_loss": best_val}, step=at_step)
+            logged, value = {"val_loss": loss, "best_val_loss": best_val}, loss
+            if dev_metric is not None:
+                with amp:
+                    value = dev_metric()
+                logged[f"dev_{selection.metric}"] = value
+            selection.update(at_step, value, lambda: {k: v.detach().to("cpu", copy=True)
+                                                      for k, v in model.state_dict().items() if k in trainable})
+            if dev_metric is not None:
+                logged[f"best_dev_{selection.metric}"] = selection.best
+            mlflow.log_metrics(logged, step=at_step)
             model.train()  # models keep their frozen parts in eval mode themselves
 
         trainable = {k for k, v in model.named_parameters() if v.requires_grad} | {k for k, _ in model.named_buffers()}
-        t0 = time.perf_counter()
+        t0, done = time.perf_counter(), start
         model.train()
         bar = tqdm(range(start, cfg.optim.steps), desc=f"train {name}", unit="step", initial=start, total=cfg.optim.steps,
                    disable=not ranks.is_main)
@@ -204,11 +236,21 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
             done = step + 1
             fault_point(done)
             at_checkpoint = tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0
-            if ranks.is_main and (at_checkpoint or done == cfg.optim.steps):
+            at_eval = (eval_every and done % eval_every == 0) or done == cfg.optim.steps
+            if ranks.is_main and at_eval:
                 validate(done)
+            # early stopping: rank 0 decides, every rank stops at the same step
+            early = bool(at_eval) and done < cfg.optim.steps and distributed.any_rank(selection.exhausted, device)
             stopping = distributed.any_rank(bool(stop["signal"]), device)  # all ranks stop at the same step
-            if ranks.is_main and ((at_checkpoint and done < cfg.optim.steps) or stopping):
+            if ranks.is_main and ((at_checkpoint and done < cfg.optim.steps) or stopping) and not early:
                 save_checkpoint(done)
+            if early:
+                selection.stopped_at = done  # kept in later checkpoints (SCST's): a resume knows where CE ended
+                if ranks.is_main:
+                    print(f"vlbench train: early stop after step {done}: no better dev {selection.metric} in "
+                          f"{tcfg.patience} evaluations (best {selection.best:.4g} at step {selection.best_step})",
+                          file=sys.stderr)
+                break
             if stopping:
                 distributed.barrier()  # the launcher stops every rank once one exits: not before the save
                 signum = stop["signal"] or signal.SIGTERM
@@ -216,19 +258,39 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                     print(f"vlbench train: stopped by signal {signum} after step {done}; "
                           f"run the stage again to resume", file=sys.stderr)
                 raise SystemExit(128 + signum)
+        bar.close()
         seconds = time.perf_counter() - t0
+        done = selection.stopped_at or done  # the last step trained (a resume after an early stop starts past it)
         if not ranks.is_main:
             return
-        mlflow.log_metrics({"train_seconds": seconds, "train_samples_per_s": (cfg.optim.steps - start) * cfg.optim.batch_size / seconds})
-        save_trained(model, out_dir, name, variant_params(raw, name), extra)
+        mlflow.log_metrics({"train_seconds": seconds,
+                            "train_samples_per_s": max(0, done - start) * cfg.optim.batch_size / max(seconds, 1e-9),
+                            "selected_step": selection.best_step})
+        if selection.weights is not None:  # the best evaluation's weights, not the last step's
+            model.load_state_dict(selection.weights, strict=False)
+        scst_rows = []  # self-critical CIDEr-D training after the cross-entropy steps (vlbench/scst.py), rank 0 only
+        if cfg.family == "captioning" and cfg.scst.steps:
+            scst_rows = run_scst(model, cfg, inputs, captions, val_inputs, captions_by_row(splits_dir, "val", val_inputs.ids),
+                                 device, mlflow, first_step=done, seed=tcfg.seed, state=state, amp=amp, scaler=scaler,
+                                 save=lambda s: save_checkpoint(cfg.optim.steps, scst=s), stop=stop,
+                                 checkpoint_every=tcfg.checkpoint_every)
+        selected = selection.summary(done, cfg.optim.steps)
+        save_trained(model, out_dir, name, variant_params(raw, name), {**extra, "selection": selected})
         with io.atomic_path(curves) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", *(["scst_reward", "scst_baseline"] if scst_rows else [])])
             w.writeheader()
-            w.writerows(rows)
+            w.writerows(rows + scst_rows)
+        dev_curves = Path(dev_curves or Path(curves).parent / "dev" / Path(curves).name)
+        dev_curves.parent.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(dev_curves) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "metric", "value"])
+            w.writeheader()
+            w.writerows(selection.rows)
         mlflow.log_artifact(str(out_dir / "model.safetensors"), "checkpoint")
         mlflow.log_artifact(str(out_dir / "config.json"), "checkpoint")
     ckpt.remove()
-    print(f"{name}: {cfg.optim.steps} steps in {seconds:.1f}s, final loss {rows[-1]['loss']:.4f}")
+    print(f"{name}: {done} steps in {seconds:.1f}s, final loss {rows[-1]['loss']:.4f}; selected step "
+          f"{selection.best_step} (dev {selection.metric} {selection.best:.4f})")
 
 
 def main(argv=None):
@@ -244,10 +306,13 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="model folder (default models/<variant>)")
     ap.add_argument("--curves", default=None, help="training-curve CSV (default metrics/curves/<variant>.csv)")
     ap.add_argument("--checkpoints", default=None, help="resume folder (default checkpoints/<variant>)")
+    ap.add_argument("--dev-curves", default=None,
+                    help="dev-evaluation CSV (step, metric, value; default: dev/<name> next to --curves, "
+                         "e.g. metrics/curves/dev/<variant>.csv)")
     a = ap.parse_args(argv)
     configure_threads(section(load_params(a.params), "train").threads)
     try:
         run(a.params, a.variant, a.features, a.splits, a.out or f"models/{a.variant}",
-            a.curves or f"metrics/curves/{a.variant}.csv", a.checkpoints)
+            a.curves or f"metrics/curves/{a.variant}.csv", a.checkpoints, a.dev_curves)
     finally:
         distributed.teardown()

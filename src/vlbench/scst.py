@@ -1,0 +1,156 @@
+"""Self-critical sequence training (SCST) of a captioner after its cross-entropy steps
+(``variants.<name>.scst``, steps 0 = off).
+
+Each step draws ``scst.batch_size`` training images, samples ``scst.samples`` = k captions per
+image from the model's full distribution (``sample_with_logprobs``: summed log-probabilities with
+gradients), rewards each with its CIDEr-D against the image's training references (metrics/cider_d.py;
+document frequencies of the training references only, never dev or test), and minimises
+
+    - mean over samples of (reward - baseline) x log p(caption)
+
+with the "new SCST" baseline (Luo 2020): the baseline of sample i is the mean reward of the image's
+other k-1 samples, so no greedy decoding is needed and a sample never competes with itself.
+
+The model samples in eval mode (dropout off): the policy trained is the one the evaluation decodes
+with. AdamW at the constant ``scst.lr``, gradients clipped at norm 1 as in cross-entropy training.
+Logged to MLflow: ``scst_reward`` and ``scst_baseline`` (batch means, CIDEr-D x100, the scale of
+the test metrics) every ``optim.log_every`` steps, ``scst_val_cider`` (greedy captions of the first
+val images, same CIDEr-D) before the first and after the last step, ``scst_seconds``; the reward
+rows also go to the training-curve CSV (steps numbered on from the cross-entropy steps).
+
+Resume: at ``train.checkpoint_every`` SCST steps and on SIGTERM the train stage's checkpoint is
+saved with an ``scst`` entry (step, optimizer, batch RNG, sampling generator, reward rows); the
+checkpoint's weights are then the SCST weights, and its step the last cross-entropy step, so a
+resumed run skips the cross-entropy loop and continues SCST where it stopped. Under torchrun,
+SCST runs on rank 0 alone (the other ranks finish after the cross-entropy steps).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .metrics.cider_d import CiderD
+from .runtime import fault_point
+
+VAL_IMAGES = 200  # val images whose greedy captions give scst_val_cider
+
+
+def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards [B, k] -> baselines [B, k]: for each sample the mean reward of the other k-1 samples
+    of the same image."""
+    k = rewards.shape[1]
+    if k < 2:
+        raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
+    return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+
+
+def scst_loss(logprobs: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logprobs [B*k] (item-major, with gradients), rewards [B, k] -> (policy-gradient loss, baselines [B, k])."""
+    baseline = mean_of_others(rewards)
+    advantage = (rewards - baseline).reshape(-1).to(logprobs.device, logprobs.dtype)
+    return -(advantage.detach() * logprobs).mean(), baseline
+
+
+class ScstTrainer:
+    """One SCST update per ``step(grid, references)``; ``references[i]`` are image i's training captions."""
+
+    def __init__(self, model, cider: CiderD, samples: int, max_len: int, optimizer: torch.optim.Optimizer,
+                 generator: torch.Generator | None = None, amp=None, scaler=None, clip: float = 1.0):
+        self.model, self.cider, self.k, self.max_len = model, cider, samples, max_len
+        self.optimizer, self.generator, self.clip = optimizer, generator, clip
+        self.amp = amp or contextlib.nullcontext()
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def rewards(self, texts: Sequence[str], references: Sequence[Sequence[str]]) -> torch.Tensor:
+        """CIDEr-D of each of the B*k sampled captions (item-major) -> [B, k]."""
+        per_row = [refs for refs in references for _ in range(self.k)]
+        return torch.from_numpy(self.cider.scores(texts, per_row)).float().view(len(references), self.k)
+
+    def step(self, grid: torch.Tensor, references: Sequence[Sequence[str]]) -> dict[str, float]:
+        self.model.eval()  # dropout off: sample (and train) the policy that evaluation decodes with
+        with self.amp:
+            s = self.model.sample_with_logprobs(grid, self.k, self.max_len, self.generator)
+        rewards = self.rewards(s.texts, references)
+        loss, baseline = scst_loss(s.logprobs, rewards.to(s.logprobs.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"reward": rewards.mean().item(), "baseline": baseline.mean().item(), "loss": loss.item()}
+
+
+@torch.no_grad()
+def greedy_cider(model, cider: CiderD, batches: Sequence[torch.Tensor], references: Sequence[Sequence[str]],
+                 decoding) -> float:
+    """Corpus CIDEr-D x100 of greedy captions of the images in ``batches`` (no random numbers drawn)."""
+    model.eval()
+    greedy = dataclasses.replace(decoding, strategy="greedy")
+    hyps = [c for grid in batches for c in model.generate(grid, greedy)]
+    return 100.0 * cider.corpus_score(hyps, references)
+
+
+def run_scst(model, cfg, inputs, captions: list[list[str]], val_inputs, val_captions: list[list[str]], device,
+             mlflow, *, first_step: int, seed: int, state: dict | None, save: Callable[[dict], None],
+             stop: dict, checkpoint_every: int, amp=None, scaler=None, eval_batch: int = 64) -> list[dict]:
+    """The SCST phase of the train stage, on one process. ``first_step``: the step number of the
+    first SCST step in logs and the curve; ``state``: the loaded resumable checkpoint (or None);
+    ``save(scst_state)``: writes the checkpoint with it. -> the curve rows of the SCST steps."""
+    scfg = cfg.scst
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=cfg.optim.weight_decay)
+    cider = CiderD(captions)  # document frequencies: the training references only
+    rng = random.Random(seed + 7919)  # images per step; its own stream: the cross-entropy batches are untouched
+    generator = torch.Generator(device=device).manual_seed(seed + 104729)
+    trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, optimizer, generator, amp, scaler)
+    n_val = min(VAL_IMAGES, len(val_inputs))
+    val_batches = [val_inputs.batch(range(s, min(s + eval_batch, n_val))).to(device) for s in range(0, n_val, eval_batch)]
+    val_refs = val_captions[:n_val]
+
+    resumed = (state or {}).get("scst")
+    if resumed is not None:
+        model.load_state_dict(state["model"], strict=False)  # the SCST weights of that checkpoint
+        optimizer.load_state_dict(resumed["optim"])
+        rng.setstate(resumed["rng"])
+        generator.set_state(resumed["generator"])
+        begin, rows, first_step = resumed["step"], resumed["rows"], resumed["first_step"]
+        print(f"vlbench train: resuming SCST from step {begin}/{scfg.steps}", file=sys.stderr)
+    else:
+        begin, rows = 0, []
+        mlflow.log_metrics({"scst_val_cider": greedy_cider(model, cider, val_batches, val_refs, cfg.decoding)},
+                           step=first_step)
+
+    def snapshot(done: int) -> dict:
+        return {"step": done, "optim": optimizer.state_dict(), "rng": rng.getstate(),
+                "generator": generator.get_state(), "rows": rows, "first_step": first_step}
+
+    t0 = time.perf_counter()
+    for s in range(begin, scfg.steps):
+        idx = sorted(rng.sample(range(len(inputs)), min(scfg.batch_size, len(inputs))))
+        out = trainer.step(inputs.batch(idx).to(device), [captions[i] for i in idx])
+        if s % cfg.optim.log_every == 0 or s == scfg.steps - 1:
+            reward, baseline = 100.0 * out["reward"], 100.0 * out["baseline"]
+            rows.append({"step": first_step + s, "lr": scfg.lr, "scst_reward": round(reward, 5),
+                         "scst_baseline": round(baseline, 5)})
+            mlflow.log_metrics({"scst_reward": reward, "scst_baseline": baseline, "scst_loss": out["loss"]},
+                               step=first_step + s)
+        done = s + 1
+        fault_point(first_step + done)
+        if stop.get("signal") or (checkpoint_every and done % checkpoint_every == 0 and done < scfg.steps):
+            save(snapshot(done))
+        if stop.get("signal"):
+            print(f"vlbench train: stopped by signal {stop['signal']} after SCST step {done}; "
+                  f"run the stage again to resume", file=sys.stderr)
+            raise SystemExit(128 + stop["signal"])
+    seconds = time.perf_counter() - t0
+    end = greedy_cider(model, cider, val_batches, val_refs, cfg.decoding)
+    mlflow.log_metrics({"scst_val_cider": end, "scst_seconds": seconds}, step=first_step + scfg.steps)
+    return rows

@@ -1,0 +1,90 @@
+"""The SCST phase inside the real train stage (reward curve in the CSV and MLflow, SIGTERM during
+SCST, resume bit-identical), and the evaluate stage's decodings table and diversity rows."""
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_GRID, env_with_venv, prepare_features, tiny_params
+from conftest import train_gridcap as train
+
+CE_STEPS, SCST_STEPS = 6, 4
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    params = tiny_params(n_images=30, steps=CE_STEPS)
+    params["train"]["checkpoint_every"] = 2
+    params["variants"]["gridcap"].update(TINY_GRID)
+    params["variants"]["gridcap"]["scst"] = {"steps": SCST_STEPS, "samples": 3, "lr": 1e-4, "batch_size": 4, "max_len": 10}
+    return prepare_features(tmp_path_factory.mktemp("scst"), params)
+
+
+@pytest.fixture(scope="module")
+def straight(prepared):
+    r = train(prepared, "straight")
+    assert r.returncode == 0, r.stderr
+    return prepared / "models/straight"
+
+
+def test_scst_logs_its_reward_curve(prepared, straight):
+    with open(prepared / "metrics/curves/straight.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "loss", "lr", "scst_reward", "scst_baseline"]
+    ce = [r for r in rows if r["loss"]]
+    scst = [r for r in rows if not r["loss"]]
+    assert [int(r["step"]) for r in scst] == list(range(CE_STEPS, CE_STEPS + SCST_STEPS))  # log_every 1
+    assert all(float(r["scst_reward"]) >= 0 and r["scst_baseline"] for r in scst) and len(ce) == CE_STEPS
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{prepared / 'mlflow.db'}")
+    run_id = (straight / "run_id").read_text()
+    assert len(client.get_metric_history(run_id, "scst_reward")) == SCST_STEPS
+    assert len(client.get_metric_history(run_id, "scst_baseline")) == SCST_STEPS
+    val = client.get_metric_history(run_id, "scst_val_cider")
+    assert sorted(m.step for m in val) == [CE_STEPS, CE_STEPS + SCST_STEPS]  # before and after
+
+
+def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):
+    r = train(prepared, "killed", fault=f"TERM@{CE_STEPS + 2}")  # after the 2nd SCST step
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert "after SCST step 2" in r.stderr
+    assert not (prepared / "models/killed/model.safetensors").exists()
+    r = train(prepared, "killed")
+    assert r.returncode == 0, r.stderr
+    assert "resuming SCST from step 2/4" in r.stderr
+    a, b = load_file(str(prepared / "models/killed/model.safetensors")), load_file(str(straight / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (prepared / "metrics/curves/killed.csv").read_text() == (prepared / "metrics/curves/straight.csv").read_text()
+    assert not (prepared / "checkpoints/killed/last.pt").exists()
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java on PATH")
+def test_evaluate_scores_each_decoding_once_with_diversity(prepared, straight):
+    from vlbench.stages.report import summarise
+
+    env = env_with_venv()
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{prepared / 'mlflow.db'}"
+    r = subprocess.run([sys.executable, "-m", "vlbench", "evaluate", "--variant", "gridcap", "--model", str(straight),
+                        "--features", "data/features/efficientnet_lite0", "--metrics", "metrics_eval"],
+                       cwd=prepared, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((prepared / "metrics_eval/gridcap.json").read_text())
+    assert list(result["decodings"]) == ["greedy", "beam3"] and result["decoding"] == "greedy"  # tiny_params: greedy
+    head = {k: v for k, v in result["decodings"]["greedy"].items() if k != "captions_per_s"}
+    assert head == result["metrics"]  # the configured decoding is the headline, scored once
+    for row in (result["metrics"], result["nearest_neighbour"], result["chance"], result["references"],
+                result["decodings"]["beam3"]):
+        assert 0 < row["distinct_captions"] <= 1000 and 0 <= row["trigram_repeat"] <= 100
+    captions = json.loads((prepared / "metrics_eval/gridcap_captions.json").read_text())
+    assert set(captions[0]["decodings"]) == {"greedy", "beam3"}
+    assert [c["caption"] for c in captions] == [c["decodings"]["greedy"] for c in captions]
+    text = summarise([result])
+    assert "*human references*" in text and "| gridcap | greedy (configured) |" in text.replace("**", "")
