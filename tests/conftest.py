@@ -87,6 +87,21 @@ def train_gridcap(d: Path, tag: str, fault: str | None = None, params: str = "pa
 TINY_GRID = {"d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "heads": 4}  # a grid transformer in seconds
 
 
+def assert_recalls_match_naive_reference(metrics: dict, sim: list[list[float]], owner: list[int]) -> list[list[bool]]:
+    """Check the evaluate stage's i2t/t2i R@1/5/10 against a naive sort-based reference on the
+    same similarities (image rows x caption columns; ``owner[j]``: the image of caption j).
+    -> each image query's match flags, best first (ties go to the query, as retrieval.py documents)."""
+    def best_first(pairs):  # one query's (score, is a match) per candidate -> match flags, ties in its favour
+        return [hit for _, hit in sorted(pairs, key=lambda p: (-p[0], not p[1]))]
+
+    i2t = [best_first([(s, owner[j] == i) for j, s in enumerate(row)]) for i, row in enumerate(sim)]
+    t2i = [best_first([(row[j], owner[j] == i) for i, row in enumerate(sim)]) for j in range(len(owner))]
+    for k in (1, 5, 10):
+        assert metrics[f"i2t_R@{k}"] == pytest.approx(100 * sum(any(q[:k]) for q in i2t) / len(i2t)), k
+        assert metrics[f"t2i_R@{k}"] == pytest.approx(100 * sum(any(q[:k]) for q in t2i) / len(t2i)), k
+    return i2t
+
+
 @pytest.fixture(scope="session")
 def batch():
     """16 drawn scenes through the real EfficientNet-Lite0 weights: real features, real captions."""

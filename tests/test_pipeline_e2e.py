@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import env_with_venv, tiny_params
+from conftest import assert_recalls_match_naive_reference, env_with_venv, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -71,15 +71,7 @@ def test_dvc_repro_end_to_end(repo):
     with torch.no_grad():
         image = model.eval().embed_images(torch.from_numpy(np.load(feats / "test.npy")))
         sim = (image @ model.embed_text_features(model.text_features(flat, "cpu")).T).tolist()
-
-    def best_first(pairs):  # one query's (score, is a match) per candidate -> match flags, ties in its favour
-        return [hit for _, hit in sorted(pairs, key=lambda p: (-p[0], not p[1]))]
-
-    i2t = [best_first([(s, owner[j] == i) for j, s in enumerate(row)]) for i, row in enumerate(sim)]
-    t2i = [best_first([(row[j], owner[j] == i) for i, row in enumerate(sim)]) for j in range(len(flat))]
-    for k in (1, 5, 10):
-        assert clip["metrics"][f"i2t_R@{k}"] == pytest.approx(100 * sum(any(q[:k]) for q in i2t) / len(i2t)), k
-        assert clip["metrics"][f"t2i_R@{k}"] == pytest.approx(100 * sum(any(q[:k]) for q in t2i) / len(t2i)), k
+    i2t = assert_recalls_match_naive_reference(clip["metrics"], sim, owner)
     first_hits = sorted(q.index(True) + 1 for q in i2t)
     assert clip["metrics"]["i2t_median_rank"] == first_hits[(len(first_hits) - 1) // 2]  # torch's (lower) median
     cap = json.loads((repo / "metrics/gridcap.json").read_text())
