@@ -212,3 +212,28 @@ def test_a_copy_without_a_split_is_scored_on_a_seeded_sample(project, tmp_path):
     assert not (d / "metrics/transfer/sample/gridcap.json").exists()
     shutil.rmtree(d / "metrics/transfer/sample")
     shutil.rmtree(d / "data/transfer/sample")
+
+
+def test_dvc_stage_with_a_dataset_declares_its_deps_and_runs_after_training(tmp_path):
+    """params.yaml ships with no transfer dataset (so tests/test_dvc_deps.py sees no transfer stage):
+    with one, the stage declares its code and params and DVC orders it after every train stage."""
+    from dvc.repo import Repo
+
+    from test_dvc_deps import ROOT, SRC, _message, check
+
+    Repo.init(str(tmp_path), no_scm=True).close()
+    (tmp_path / "copy").mkdir()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["transfer"] == {"datasets": {}}  # the default pipeline is unchanged
+    params["transfer"]["datasets"] = {"coco": {"name": "coco", "root": str(tmp_path / "copy")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    problems = check(tmp_path, SRC)
+    assert not problems, _message(problems)
+    with Repo(str(tmp_path)) as repo:
+        stage = next(s for s in repo.index.stages if s.name == "transfer@coco")
+        before = {s.name for s in repo.index.graph.successors(stage)}
+        report = next(s for s in repo.index.stages if s.name == "report")
+        assert stage in set(repo.index.graph.successors(report))
+    trains = {f"train@{v}" for v in params["variants"]} | {f"train_pixels@{v}" for v in params["pixel_variants"]}
+    assert trains | {"split"} <= before
