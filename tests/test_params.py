@@ -85,6 +85,10 @@ BAD_EDITS = [
     ("variants.gridcap.decoding.strategy", edit("variants.gridcap.decoding", {"strategy": "topk"})),
     ("variants.gridcap.decoding.top_p", edit("variants.gridcap.decoding", {"top_p": 0})),
     ("colours", edit("colours", 3)),  # unknown section
+    ("transfer.datasets.coco.root", edit("transfer", {"datasets": {"coco": {"name": "coco", "root": "/no/such/copy"}}})),
+    ("transfer.datasets.coco.name", edit("transfer", {"datasets": {"coco": {"name": "imagenet", "root": "."}}})),
+    ("transfer.datasets.a b", edit("transfer", {"datasets": {"a b": {"name": "coco", "root": "."}}})),
+    ("transfer.datasets.coco.test_size", edit("transfer", {"datasets": {"coco": {"name": "coco", "root": ".", "test_size": 0}}})),
 ]
 
 

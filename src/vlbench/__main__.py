@@ -12,6 +12,7 @@ COMMANDS = {
     "features": ("vlbench.stages.features", "cache image-encoder features for one backbone"),
     "train": ("vlbench.stages.train", "train one variant"),
     "evaluate": ("vlbench.stages.evaluate", "evaluate one variant on the test split"),
+    "transfer": ("vlbench.stages.transfer", "score every trained variant on another dataset's test split"),
     "report": ("vlbench.stages.report", "write metrics/summary.md and the plots"),
     "caption": ("vlbench.commands.caption", "caption image files with a trained variant"),
     "search": ("vlbench.commands.search", "find images for a text query with a trained variant"),

@@ -85,6 +85,53 @@ class FeaturesConfig:
             check_image_encoder(f"{p}.backbones[{i}]", b)
 
 
+# ---------------------------------------------------------------- transfer (evaluation on other datasets)
+
+
+@dataclass
+class TransferDataset:
+    """Another dataset's test split to score every trained variant on (stage `transfer`)."""
+
+    name: Literal["flickr8k", "flickr30k", "coco"]  # which layouts to look for (data/layouts.py)
+    root: str  # a local copy in any layout the download stage reads (relative: the project's)
+    # Only for a copy without a split of its own (no Karpathy json, no Flickr8k split files): score a
+    # seeded sample of this many of its images. null: such a copy is refused (it has no test split).
+    test_size: int | None = None
+    seed: int = 0
+
+    def check(self, p):
+        from .io import project_root
+
+        if not (project_root() / self.root).is_dir():
+            raise ParamError(f"{p}.root: folder {self.root!r} does not exist")
+        if self.test_size is not None:
+            positive(p, self, "test_size")
+
+
+def check_label(p: str, label) -> None:
+    """A transfer dataset's label names files and MLflow metrics: letters, digits, _ and -."""
+    import re
+
+    if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", label):
+        raise ParamError(f"{p}.{label}: a label is letters, digits, _ and - (it names files and MLflow metrics)")
+
+
+@dataclass
+class TransferConfig:
+    # label -> TransferDataset; the label names its files (data/transfer/<label>/,
+    # metrics/transfer/<label>/) and its MLflow metrics (transfer_<label>_test_*)
+    datasets: dict = field(default_factory=dict)
+
+    def check(self, p):
+        if self.datasets is None:  # `datasets:` left empty in the YAML
+            self.datasets = {}
+        if not isinstance(self.datasets, dict):
+            raise ParamError(f"{p}.datasets: expected a mapping of labels to {{name, root}}, got {self.datasets!r}")
+        for label, entry in list(self.datasets.items()):
+            check_label(f"{p}.datasets", label)
+            self.datasets[label] = build(TransferDataset, entry, f"{p}.datasets.{label}")
+
+
 
 # ---------------------------------------------------------------- run-wide sections
 
@@ -167,6 +214,7 @@ SECTIONS = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "tracking": TrackingConfig,
+    "transfer": TransferConfig,
 }
 
 

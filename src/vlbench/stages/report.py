@@ -1,5 +1,6 @@
-"""Stage `report`: one comparison table ``metrics/summary.md`` (every variant next to chance)
-and ``metrics/curves.png`` (training loss of every variant)."""
+"""Stage `report`: one comparison table ``metrics/summary.md`` (every variant next to chance, and
+next to its scores on other datasets: ``metrics/transfer/<label>/<variant>.json`` of the transfer
+stage) and ``metrics/curves.png`` (training loss of every variant)."""
 from __future__ import annotations
 
 import argparse
@@ -93,7 +94,64 @@ def _selection(results: list[dict]) -> list[str]:
     return out + ["", "Each model is the weights of its best dev evaluation (train.eval_every), not of its last step.", ""]
 
 
-def summarise(results: list[dict]) -> str:
+TRANSFER_COLS = {"alignment": ["rsum", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"],
+                 "captioning": ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]}
+TRANSFER_BASELINES = {"alignment": [("random_projection", "*random projections*"), ("chance", "*chance*")],
+                      "captioning": [("nearest_neighbour", "*nearest neighbour* (in-domain training captions)"),
+                                     ("chance", "*chance* (random in-domain training caption)")]}
+
+
+def _metric(vals: dict | None, m: str):
+    if vals is None:
+        return None
+    if m == "rsum" and "rsum" not in vals and any("_R@" in k for k in vals):  # chance has no rsum of its own
+        return sum(v for k, v in vals.items() if "_R@" in k)
+    return vals.get(m)
+
+
+def read_transfer(metrics_dir: Path, variants: list[str]) -> dict[str, dict[str, dict]]:
+    """label -> variant -> the transfer stage's result, for the variants of params.yaml."""
+    folder = Path(metrics_dir) / "transfer"
+    found = {}
+    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+        by_variant = {v: json.loads((d / f"{v}.json").read_text()) for v in variants if (d / f"{v}.json").is_file()}
+        if d.is_dir() and by_variant:
+            found[d.name] = by_variant
+    return found
+
+
+def _transfer(results: list[dict], transfer: dict[str, dict[str, dict]]) -> list[str]:
+    """Each variant's headline metrics in-domain and on every other dataset's test split."""
+    if not transfer:
+        return []
+    labels = list(transfer)
+    out = ["## Transfer: the same models on other datasets' test splits", ""]
+    for label, by_variant in transfer.items():
+        r = next(iter(by_variant.values()))
+        t = r.get("transfer", {})
+        out.append(f"- **{label}**: {r['images']} test images, {r['captions']} captions ({t.get('dataset', '?')}, "
+                   f"layout {t.get('layout', '?')}, split: {t.get('split_source', '?')}; {t.get('root', '')})")
+    out += ["", "| variant | metric | in-domain | " + " | ".join(labels) + " |", "|---" * (3 + len(labels)) + "|"]
+    for family in ("alignment", "captioning"):
+        fam = [r for r in results if r["family"] == family]
+        if not fam:
+            continue
+        for r in fam:
+            for m in TRANSFER_COLS[family]:
+                cells = [_fmt(_metric(r["metrics"], m))]
+                cells += [_fmt(_metric(transfer[lb].get(r["variant"], {}).get("metrics"), m)) for lb in labels]
+                out.append(f"| {r['variant']} | {m} | " + " | ".join(cells) + " |")
+        for key, title in TRANSFER_BASELINES[family]:
+            firsts = [next((x for x in transfer[lb].values() if x["family"] == family), None) for lb in labels]
+            for m in TRANSFER_COLS[family]:
+                cells = [_fmt(_metric(fam[0].get(key), m))]
+                cells += [_fmt(_metric(x.get(key) if x else None, m)) for x in firsts]
+                out.append(f"| {title} | {m} | " + " | ".join(cells) + " |")
+    return out + ["", "Same metrics as above (R@K and rsum in %, caption scores x100); `-`: not scored there. "
+                  "Captioning baselines on another dataset use the in-domain training split (the variants' own).", ""]
+
+
+def summarise(results: list[dict], transfer: dict[str, dict[str, dict]] | None = None) -> str:
     lines = ["# Results", ""]
     align = [r for r in results if r["family"] == "alignment"]
     caps = [r for r in results if r["family"] == "captioning"]
@@ -132,6 +190,7 @@ def summarise(results: list[dict]) -> str:
                   "distinct_captions: distinct captions per 1,000 test images; trigram_repeat: % of captions in which "
                   "some word trigram occurs twice (lower is more fluent).", ""]
         lines += _decodings(caps)
+    lines += _transfer(results, transfer or {})
     lines += _selection(results)
     lines += ["## Reproducibility", "",
               "Same params and seed give the same numbers on CPU (training resumed from a checkpoint included). "
@@ -147,7 +206,7 @@ def run(params_path: str, metrics_dir: str) -> None:
     if missing:
         raise SystemExit(f"vlbench report: no metrics for {', '.join(missing)} (run their evaluate stage first)")
     results = [json.loads((metrics_dir / f"{v}.json").read_text()) for v in variants]
-    io.write_text(metrics_dir / "summary.md", summarise(results))
+    io.write_text(metrics_dir / "summary.md", summarise(results, read_transfer(metrics_dir, variants)))
     curves = {}
     for v in variants:
         f = metrics_dir / "curves" / f"{v}.csv"

@@ -1,0 +1,166 @@
+"""Scoring a trained variant on one split's images: the metrics and baselines of the evaluate stage,
+shared with the transfer stage (the same numbers on another dataset's test split).
+
+Alignment: recall@1/5/10 both ways (captions grouped per image), median/mean rank, next to chance and
+random projections of the pretrained features. Captioning: pycocoevalcap metrics under each decoding,
+next to chance (a random training caption) and the nearest training image's caption.
+"""
+from __future__ import annotations
+
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .metrics.retrieval import chance_recall, retrieval_metrics
+from .models.protocols import AlignmentModel, CaptioningModel
+from .training import encode_texts
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def random_projection_baseline(image_pooled: torch.Tensor, text_pooled: torch.Tensor, owner: torch.Tensor,
+                               dim: int, seed: int) -> dict[str, float]:
+    """Zero-training floor: the same pretrained features, each side through its own random
+    Gaussian projection into a shared space, cosine similarity."""
+    g = torch.Generator().manual_seed(seed)
+    proj_img = torch.randn(image_pooled.shape[1], dim, generator=g).to(image_pooled)
+    proj_txt = torch.randn(text_pooled.shape[1], dim, generator=g).to(text_pooled)
+    img = torch.nn.functional.normalize(image_pooled @ proj_img, dim=-1)
+    txt = torch.nn.functional.normalize(text_pooled @ proj_txt, dim=-1)
+    return retrieval_metrics(img @ txt.t(), owner)
+
+
+@torch.no_grad()
+def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, batch_size, n_pictures, picture_path,
+                       seed):
+    n = len(captions)  # the first n rows of ``inputs``
+
+    def image_batches():  # cached token grids, or pixels for a model that holds its image encoder
+        for s in range(0, n, batch_size):
+            yield inputs.batch(range(s, min(s + batch_size, n))).to(device)
+
+    flat = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    t0 = time.perf_counter()
+    img = torch.cat([model.embed_images(model.image_tokens(b)) for b in image_batches()])
+    keep_tokens = model.reranker is not None
+    pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=keep_tokens, desc="embed captions")
+    sim = img @ model.embed_text_features(pooled).t()
+    seconds = time.perf_counter() - t0
+    metrics = retrieval_metrics(sim, owner.to(device))
+    # one query = one caption (t2i) or one image (i2t); the cost is embedding both sides + one matmul
+    speed = {"queries_per_s": len(flat) / seconds, "ms_per_1000_queries": seconds / (len(flat) + n) * 1e6}
+    if keep_tokens:
+        image_tokens = torch.cat([model.image_tokens(b) for b in image_batches()])
+
+        text_p, mask_p, image_p = model.reranker.project(tokens, masks, image_tokens)
+
+        def score(image_idx, caption_idx):
+            itm = model.reranker.score(text_p[caption_idx], mask_p[caption_idx], image_p[image_idx])
+            if model.cfg.reranker.combine == "itm":
+                return itm
+            return itm + model.scale() * sim[image_idx, caption_idx]
+
+        from .models.reranker import rerank_top_k
+
+        t0 = time.perf_counter()
+        i2t_sim, t2i_sim = rerank_top_k(sim, model.cfg.reranker.top_k, score)
+        rerank_seconds = time.perf_counter() - t0
+        i2t = retrieval_metrics(i2t_sim, owner.to(device))
+        t2i = retrieval_metrics(t2i_sim, owner.to(device))
+        reranked = {k: v for k, v in i2t.items() if k.startswith("i2t")} | {k: v for k, v in t2i.items() if k.startswith("t2i")}
+        reranked["rsum"] = sum(v for k, v in reranked.items() if "_R@" in k)
+        metrics |= {f"reranked_{k}": v for k, v in reranked.items()}
+        speed["rerank_ms_per_1000_queries"] = rerank_seconds / (len(flat) + n) * 1e6
+        sim = t2i_sim  # the gallery (caption -> images) shows what the re-ranked model returns
+    pretrained = None  # the untuned image encoder, when the model tuned its own
+    if model.image_encoder is not None:
+        from .models.registry import create_image_encoder
+
+        pretrained = create_image_encoder(model.cfg.image_encoder).to(device).eval()
+    image_pooled = torch.cat([(pretrained(b) if pretrained else b).float().mean(1) for b in image_batches()])
+    text_pooled = pooled if model.cfg.text_tuning == "frozen" else None
+    if text_pooled is None:  # a tuned encoder is not "zero-training": use the pretrained one
+        from .models.dual_encoder import pool_tokens
+        from .models.registry import create_text_encoder
+
+        enc = create_text_encoder(model.cfg.text_encoder)
+        enc.model.to(device).eval()
+        chunks = []
+        for s in range(0, len(flat), batch_size):
+            b = enc.tokenizer(flat[s : s + batch_size], padding=True, truncation=True, max_length=model.cfg.max_text_len,
+                              return_tensors="pt").to(device)
+            chunks.append(pool_tokens(enc.model(**b).last_hidden_state, b["attention_mask"], model.cfg.text_pooling))
+        text_pooled = torch.cat(chunks)
+    random_proj = random_projection_baseline(image_pooled, text_pooled.float(), owner.to(device), model.cfg.embed_dim, seed)
+    per_image = max(1, round(len(flat) / len(captions)))
+    chance = chance_recall(len(captions), per_image)
+    # gallery: a few caption queries -> top-5 images
+    picks = list(range(0, len(flat), max(1, len(flat) // n_pictures)))[:n_pictures]
+    results = []
+    for j in picks:
+        top = sim[:, j].topk(5)
+        results.append([(paths[i], s.item(), i == owner[j].item()) for s, i in zip(top.values, top.indices.tolist())])
+    from .pictures import retrieval_gallery
+
+    retrieval_gallery([flat[j] for j in picks], results, picture_path)
+    return metrics, {"chance": chance, "random_projection": random_proj}, speed, None
+
+
+def nearest_neighbour_captions(test_feats, train_feats, train_captions: list[list[str]], chunk: int = 1024) -> list[str]:
+    """Baseline: each test image gets the first caption of its most similar training image
+    (cosine similarity of mean-pooled image features)."""
+    def pooled(f):
+        out = [torch.nn.functional.normalize(torch.from_numpy(np.array(f[s : s + chunk])).float().mean(1), dim=-1)
+               for s in range(0, len(f), chunk)]
+        return torch.cat(out)
+
+    nearest = (pooled(test_feats) @ pooled(train_feats).t()).argmax(1)
+    return [train_captions[i][0] for i in nearest.tolist()]
+
+
+def evaluate_captioning(model: CaptioningModel, cfg, feats, captions, ids, paths, train_feats, train_captions, device,
+                        batch_size, n_pictures, picture_path, seed, decodings=("greedy", "beam")):
+    """Captions of the test images under each decoding of ``evaluate.decodings`` and the variant's own
+    (metrics/decodings.py), each scored once; the headline metrics are those of the variant's own."""
+    from .metrics.decodings import decodings_to_compare, score
+    from .metrics.diversity import diversity
+
+    refs = {i: list(c) for i, c in zip(ids, captions)}
+    runs, head = decodings_to_compare(cfg.decoding, decodings)
+    table, by_decoding = {}, {}
+    for dname, dec in runs.items():
+        gen = torch.Generator(device=device).manual_seed(seed)  # every decoding samples from the same seed
+        hyps, t0 = [], time.perf_counter()
+        for s in tqdm(range(0, len(feats), batch_size), desc=f"caption ({dname})", unit="batch"):
+            grid = torch.from_numpy(np.array(feats[s : s + batch_size])).to(device)
+            hyps.extend(model.generate(grid, dec, generator=gen))
+        seconds = time.perf_counter() - t0
+        by_decoding[dname] = hyps
+        table[dname] = {**score(refs, dict(zip(ids, hyps))), "captions_per_s": len(ids) / seconds}
+    hyps = by_decoding[head]
+    metrics = {k: v for k, v in table[head].items() if k != "captions_per_s"}
+    rng = random.Random(seed)
+    chance_hyps = {i: rng.choice(rng.choice(train_captions)) for i in ids}
+    chance = score(refs, chance_hyps, spice=False)
+    nn_hyps = dict(zip(ids, nearest_neighbour_captions(feats, train_feats, train_captions)))
+    nearest = score(refs, nn_hyps, spice=False)
+    speed = {"captions_per_s": table[head]["captions_per_s"]}
+    from .pictures import caption_grid
+
+    caption_grid(paths[:n_pictures], hyps[:n_pictures], [c[0] for c in captions[:n_pictures]], picture_path)
+    generated = [{"image_id": i, "caption": h, "nearest_neighbour": nn_hyps[i], "references": refs[i],
+                  "decodings": {d: c[j] for d, c in by_decoding.items()}} for j, (i, h) in enumerate(zip(ids, hyps))]
+    human = diversity([c[0] for c in captions])  # the first human reference of each image
+    return metrics, {"chance": chance, "nearest_neighbour": nearest, "references": human, "decoding": head,
+                     "decodings": table}, speed, generated
