@@ -387,6 +387,11 @@ class Tracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._call("log_artifact", path, artifact_path)
 
+    def log_artifacts(self, folder: str, artifact_path: str | None = None) -> None:
+        """A folder's files under ``artifact_path``; ``folder`` must outlive the tracker (a fallback
+        to the local store replays the logging)."""
+        self._call("log_artifacts", folder, artifact_path)
+
     def _call(self, name: str, *args, record: bool = True, **kwargs) -> None:
         if record:
             self.history.append((name, args, kwargs))
