@@ -231,13 +231,19 @@ def test_champion_moves_only_to_a_better_model_on_the_same_dataset(project, caps
     assert int(champ.version) < int(worse) < int(elsewhere) < int(better)
 
 
-def test_caption_command_takes_a_registered_model(project):
+def test_caption_and_search_commands_take_a_registered_model(project):
     image = split_images(project, 1)
     env = env_with_venv() | {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    r = subprocess.run([sys.executable, "-m", "vlbench", "caption", "--model", "models:/gridcap@champion", "--beam", "2",
-                        *image], cwd=project, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [f"{image[0]}\t{command_captions(project, image, '--beam', '2')[0]}"]
+
+    def vlbench(*args):
+        r = subprocess.run([sys.executable, "-m", "vlbench", *args], cwd=project, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    assert vlbench("caption", "--model", "models:/gridcap@champion", "--beam", "2", *image) == \
+        [f"{image[0]}\t{command_captions(project, image, '--beam', '2')[0]}"]
+    assert vlbench("search", "a red circle", "--model", "models:/clip@champion", "--top", "3") == \
+        vlbench("search", "a red circle", "--model", "models/clip", "--top", "3")
 
 
 def test_unreachable_store_does_not_stop_evaluate_or_registration(project):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +79,7 @@ def trained_folder(model: str | Path):
     """The trained model folder (config.json + model.safetensors) for ``model``: a folder, or an
     MLflow model URI (``models:/<name>@champion``, ``runs:/<id>/model``) of a model the evaluate
     stage logged (``serving.py``), which ships one; that is downloaded for the ``with`` block only."""
-    if ":/" not in str(model):
+    if Path(model).exists() or not re.match(r"[a-zA-Z][\w+.-]+:/", str(model)):  # "C:/x" is a folder, not a URI
         yield Path(model)
         return
     import mlflow

@@ -163,7 +163,7 @@ class SearchModel(_Model):
         self.searcher.use_index(index["embeddings"], index["image_ids"].tolist())
 
     def predict(self, context, model_input, params=None):
-        top = int((params or {}).get("top_k") or 5)
+        top = int((params or {}).get("top_k", 5))
         if top < 1:
             raise BadRequest("top_k must be at least 1")
         hits = []
