@@ -6,7 +6,8 @@ captioners), recorded on each version as tags ``headline_metric`` and ``headline
 on the same dataset: tag ``dataset`` (params ``data.name``; ``data_root`` is recorded too). A champion
 from another dataset is not compared, and the alias stays where it is (one line says so): scores on
 different test sets do not rank models. A version beats the champion when its value is strictly
-higher; the first version of a name becomes champion.
+higher; the first version of a name becomes champion. Queued DVC experiments evaluate in parallel:
+the evaluate stage holds a file lock around this (one machine).
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ pyfunc models (serving.py) registered under its name (promotion.py: the ``champi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import resource
@@ -34,7 +35,7 @@ from ..params import load_params, section
 from ..promotion import register_and_promote
 from ..runtime import configure_threads, pick_device, seed_everything
 from ..serving import save_models
-from ..tracking import Tracker
+from ..tracking import Tracker, file_lock
 from ..training import encode_texts
 
 
@@ -260,8 +261,12 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
 def register(tracker: Tracker, name: str, family: str, metrics: dict, dataset: str, data_root: str) -> None:
     """The logged model as a new version of ``name`` in the run's store (promotion.py). A registry
     that fails is one line on stderr: the evaluation is done and logged."""
+    # queued DVC experiments evaluate in parallel: one compares and moves the alias at a time
+    dvc_tmp = io.project_root() / ".dvc" / "tmp"
+    lock = file_lock(dvc_tmp / "vlbench-registry.lock") if dvc_tmp.parent.is_dir() else contextlib.nullcontext()
     try:
-        register_and_promote(tracker.client, tracker.run_id, name, family, metrics, dataset, data_root)
+        with lock:
+            register_and_promote(tracker.client, tracker.run_id, name, family, metrics, dataset, data_root)
     except Exception as e:
         why = (str(e).strip().splitlines() or [""])[0][:200]
         print(f"vlbench: {name} not registered in {tracker.uri} ({type(e).__name__}: {why})", file=sys.stderr)
