@@ -79,6 +79,10 @@ def test_train_and_evaluate_log_to_a_tracking_server(prepared, server):
     assert "test_t2i_R_at_5" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3
     assert {a.path for a in client.list_artifacts(run.info.run_id, "pictures")} == {"pictures/clip.png"}
+    # the served models went through the server's artifact store, and the registry is the server's
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "search_model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "search_model")}
+    assert client.get_model_version_by_alias("clip", "champion").run_id == run.info.run_id
 
 
 def test_unreachable_store_falls_back_to_local_sqlite(prepared):

@@ -6,11 +6,17 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .models.trained import load_trained
 from .models.protocols import AlignmentModel, CaptioningModel
@@ -22,16 +28,71 @@ class ImageError(ValueError):
     """An input file that is missing or not a readable image."""
 
 
+# Larger images are refused before their pixels are decoded: a small file can declare a huge size
+# (a decompression bomb) and would take gigabytes to load. 50 MP is above any camera photo's size.
+MAX_PIXELS = 50_000_000
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def _load_checked(source, name: str, size: int):
+    """``source``: a path or a binary file object; ``name``: what error messages call it."""
+    try:
+        with Image.open(source) as im:  # lazy: reads the header only
+            width, height = im.size
+    except Image.DecompressionBombError as e:  # PIL's own limit (above ours) trips while opening
+        raise ImageError(f"{name}: too many pixels ({_why(e)})") from None
+    except UnidentifiedImageError:  # its message names the file object, which says nothing here
+        raise ImageError(f"{name}: not a readable image (no image format recognised)") from None
+    except Exception as e:
+        raise ImageError(f"{name}: not a readable image ({_why(e)})") from None
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name}: {width}x{height} pixels, more than the {MAX_PIXELS} allowed")
+    if hasattr(source, "seek"):
+        source.seek(0)
+    try:
+        return load_image(source, size)
+    except Exception as e:  # PIL raises several types: truncated, broken data
+        raise ImageError(f"{name}: not a readable image ({_why(e)})") from None
+
+
 def read_image(path: str, size: int):
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"{path}: no such file")
     if p.stat().st_size == 0:
         raise ImageError(f"{path}: empty file")
-    try:
-        return load_image(str(p), size)
-    except Exception as e:  # PIL raises several types: unidentified, truncated, decompression bomb
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    return _load_checked(str(p), path, size)
+
+
+def decode_image(data: bytes, size: int, name: str = "image"):
+    """An image file's bytes (e.g. from an HTTP request) -> RGB image, as ``read_image`` loads a file."""
+    if not data:
+        raise ImageError(f"{name}: empty")
+    return _load_checked(io.BytesIO(data), name, size)
+
+
+@contextlib.contextmanager
+def trained_folder(model: str | Path):
+    """The trained model folder (config.json + model.safetensors) for ``model``: a folder, or an
+    MLflow model URI (``models:/<name>@champion``, ``runs:/<id>/model``) of a model the evaluate
+    stage logged (``serving.py``), which ships one; that is downloaded for the ``with`` block only."""
+    if Path(model).exists() or not re.match(r"[a-zA-Z][\w+.-]+:/", str(model)):  # "C:/x" is a folder, not a URI
+        yield Path(model)
+        return
+    import mlflow
+
+    from .tracking import default_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    with tempfile.TemporaryDirectory(prefix="vlbench-model-") as dest:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model), dst_path=dest, tracking_uri=uri))
+        found = sorted(c.parent for c in root.rglob("config.json") if (c.parent / "model.safetensors").is_file())
+        if not found:
+            raise FileNotFoundError(f"{model}: no trained model folder (config.json + model.safetensors) in it")
+        yield found[0]
 
 
 class _Trained:
@@ -44,11 +105,12 @@ class _Trained:
 
     @classmethod
     def from_run(cls, model_dir: str | Path = None, variant: str | None = None, device: str = "auto"):
-        """A trained model folder (``models/<variant>`` by default for ``variant``)."""
-        folder = Path(model_dir) if model_dir else Path("models") / variant
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no trained model here (run `dvc repro` or the train stage first)")
-        return cls(folder, device)
+        """A trained model folder (``models/<variant>`` by default for ``variant``), or an MLflow
+        model URI such as ``models:/<variant>@champion`` (``trained_folder``)."""
+        with trained_folder(model_dir or Path("models") / variant) as folder:
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"{folder}: no trained model here (run `dvc repro` or the train stage first)")
+            return cls(folder, device)  # reads the weights into memory: the download can go
 
     @torch.no_grad()
     def grid(self, images) -> torch.Tensor:
@@ -61,7 +123,11 @@ class Captioner(_Trained):
 
     def caption(self, paths: list[str], decoding=None, seed: int = 0) -> list[str]:
         """One caption per path; raises ImageError for an unreadable one (see caption_each)."""
-        images = [read_image(p, self.image_size) for p in paths]
+        return self.caption_images([read_image(p, self.image_size) for p in paths], decoding, seed)
+
+    def caption_images(self, images: list, decoding=None, seed: int = 0) -> list[str]:
+        """One caption per loaded image (``read_image``/``decode_image``), sampled from one seeded
+        generator over the whole list: the same list and seed give the same captions."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return self.model.generate(self.grid(images), decoding or self.cfg.decoding, generator=gen)
 
@@ -70,13 +136,12 @@ class Captioner(_Trained):
         loaded, out = [], []
         for p in paths:
             try:
-                loaded.append((p, read_image(p, self.image_size)))
+                loaded.append(read_image(p, self.image_size))
                 out.append(None)
             except ImageError as e:
                 out.append(e)
         if loaded:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            caps = iter(self.model.generate(self.grid([im for _, im in loaded]), decoding or self.cfg.decoding, generator=gen))
+            caps = iter(self.caption_images(loaded, decoding, seed))
             out = [next(caps) if o is None else o for o in out]
         return out
 
@@ -104,16 +169,30 @@ class Searcher(_Trained):
         for s in range(0, len(paths), batch_size):
             if features is not None:
                 tokens = torch.from_numpy(np.array(features[s : s + batch_size])).to(self.device)
+                chunks.append(self.model.embed_images(tokens))
             else:
-                images = [read_image(p, self.image_size) for p in paths[s : s + batch_size]]
-                x = torch.stack([to_tensor(im, self.encoder.mean, self.encoder.std) for im in images]).to(self.device)
-                tokens = self.model.image_tokens(x)
-            chunks.append(self.model.embed_images(tokens))
-        self.image_emb, self.paths = torch.cat(chunks), paths
+                chunks.append(self.embed_images([read_image(p, self.image_size) for p in paths[s : s + batch_size]]))
+        self.use_index(torch.cat(chunks), paths)
+
+    def use_index(self, image_emb, names: list[str]) -> None:
+        """Search over these image embeddings (e.g. a served model's stored index), named ``names``."""
+        self.image_emb, self.paths = torch.as_tensor(image_emb, dtype=torch.float32).to(self.device), list(names)
+
+    @torch.no_grad()
+    def embed_images(self, images: list) -> torch.Tensor:
+        """Loaded images -> L2-normalised embeddings, as the index embeds them."""
+        if self.meta.get("input") == "pixels":  # the model tuned its own encoder: it takes pixels
+            x = torch.stack([to_tensor(im, self.encoder.mean, self.encoder.std) for im in images]).to(self.device)
+            return self.model.embed_images(self.model.image_tokens(x))
+        return self.model.embed_images(self.grid(images))  # the cached features' encoder and rounding
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> L2-normalised embeddings."""
+        return self.model.embed_text_features(self.model.text_features(list(texts), self.device))
 
     @torch.no_grad()
     def search(self, query: str, top: int = 5) -> list[tuple[str, float]]:
-        q = self.model.embed_text_features(self.model.text_features([query], self.device))
-        scores = (self.image_emb @ q[0]).cpu()
+        scores = (self.image_emb @ self.embed_texts([query])[0]).cpu()
         best = scores.topk(min(top, len(scores)))
         return [(self.paths[i], s.item()) for s, i in zip(best.values, best.indices.tolist())]

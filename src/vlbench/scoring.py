@@ -114,7 +114,7 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     from .pictures import retrieval_gallery
 
     retrieval_gallery([flat[j] for j in picks], results, picture_path)
-    return metrics, {"chance": chance, "random_projection": random_proj}, speed, None
+    return metrics, {"chance": chance, "random_projection": random_proj}, speed, None, img  # img: the test embeddings (search index)
 
 
 def nearest_neighbour_captions(test_feats, train_feats, train_captions: list[list[str]], chunk: int = 1024) -> list[str]:

@@ -191,7 +191,7 @@ def dvc_datasets(paths, context: str) -> list:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     """An exclusive lock between processes on this machine (queued experiments run in parallel)."""
     try:
         import fcntl
@@ -214,7 +214,7 @@ def _sweep_parent(client, exp_id: str) -> str | None:
     baseline = os.environ.get("DVC_EXP_BASELINE_REV")
     if not baseline:
         return None
-    with _file_lock(io.project_root() / ".dvc" / "tmp" / "vlbench-sweep.lock"):
+    with file_lock(io.project_root() / ".dvc" / "tmp" / "vlbench-sweep.lock"):
         found = client.search_runs([exp_id], filter_string=f"tags.dvc_sweep = '{baseline}'", max_results=1)
         if found:
             return found[0].info.run_id
@@ -386,6 +386,11 @@ class Tracker:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._call("log_artifact", path, artifact_path)
+
+    def log_artifacts(self, folder: str, artifact_path: str | None = None) -> None:
+        """A folder's files under ``artifact_path``; ``folder`` must outlive the tracker (a fallback
+        to the local store replays the logging)."""
+        self._call("log_artifacts", folder, artifact_path)
 
     def _call(self, name: str, *args, record: bool = True, **kwargs) -> None:
         if record:

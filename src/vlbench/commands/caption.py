@@ -14,7 +14,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="vlbench caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+", help="image files")
     ap.add_argument("--variant", help="a trained captioning variant (reads models/<variant>)")
-    ap.add_argument("--model", help="a trained model folder instead of --variant")
+    ap.add_argument("--model", help="a trained model folder, or an MLflow model URI (models:/<variant>@champion, runs:/<id>/model), instead of --variant")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--beam", type=int, help="beam search with this width")
     g.add_argument("--top-p", type=float, help="nucleus sampling: keep this probability mass")

@@ -13,7 +13,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="vlbench search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("query", help="the text to search for")
     ap.add_argument("--variant", help="a trained alignment variant (reads models/<variant>)")
-    ap.add_argument("--model", help="a trained model folder instead of --variant")
+    ap.add_argument("--model", help="a trained model folder, or an MLflow model URI (models:/<variant>@champion, runs:/<id>/model), instead of --variant")
     ap.add_argument("--top", type=int, default=5, help="how many images (default 5)")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to index")
     ap.add_argument("--features", help="features folder (default data/features/<image encoder>)")

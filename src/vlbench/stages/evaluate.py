@@ -4,12 +4,16 @@ Alignment: recall@1/5/10 both ways (5 captions per image grouped), median/mean r
 chance. Captioning: pycocoevalcap BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE when available), next
 to a chance baseline (a random training caption per image). Both: speed and peak memory.
 Writes ``metrics/<variant>.json``, ``metrics/pictures/<variant>.png`` and, for captioners,
-``metrics/<variant>_captions.json``; logs them to the variant's MLflow run.
+``metrics/<variant>_captions.json``; logs them to the variant's MLflow run, with the variant as
+pyfunc models (serving.py) registered under its name (promotion.py: the ``champion`` alias).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,9 +24,11 @@ from ..image_features import load_features
 from ..inputs import check_features, open_inputs
 from ..models.trained import load_trained
 from ..params import load_params, section
+from ..promotion import register_and_promote
 from ..runtime import configure_threads, pick_device, seed_everything
 from ..scoring import evaluate_alignment, evaluate_captioning, peak_memory_mb
-from ..tracking import Tracker
+from ..serving import save_models
+from ..tracking import Tracker, file_lock
 
 
 def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_dir: str, metrics_dir: str) -> None:
@@ -54,9 +60,11 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     picture = metrics_dir / "pictures" / f"{name}.png"
     picture.parent.mkdir(parents=True, exist_ok=True)
     if cfg.family == "alignment":
-        metrics, baselines, speed, generated = evaluate_alignment(
+        metrics, baselines, speed, generated, image_emb = evaluate_alignment(
             model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed)
+        search_index = (ids, image_emb.cpu().numpy())  # the served search model's images
     else:
+        search_index = None
         feats = inputs.array[:n]
         train_feats, train_ids = load_features(features_dir, "train")
         by_id = dict(read_manifest(splits_dir, "train")[["image_id", "captions"]].itertuples(index=False))
@@ -76,8 +84,10 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     io.write_json(metrics_dir / f"{name}.json", result)
 
     read = [splits_dir, features_dir or str(Path(splits_dir).parent / "raw")]  # their DVC hashes: lineage
-    with Tracker(tracking.experiment, name, Path(model_dir) / "run_id", resume=True, inputs=read, context="evaluation",
-                 started_at=started_at) as mlflow:
+    # the saved models stay on disk until the tracker closes: a fallback to the local store re-logs them
+    with tempfile.TemporaryDirectory(prefix="vlbench-models-") as staging, \
+            Tracker(tracking.experiment, name, Path(model_dir) / "run_id", resume=True, inputs=read,
+                    context="evaluation", started_at=started_at) as mlflow:
         numeric = {f"test_{k}".replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, float)}
         numeric.update({f"test_{k}": v for k, v in speed.items()})
         for dname, vals in result.get("decodings", {}).items():  # captioners: every decoding scored
@@ -87,7 +97,26 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
         mlflow.log_artifact(str(picture), "pictures")
         if generated is not None:
             mlflow.log_artifact(str(metrics_dir / f"{name}_captions.json"), "evaluation")
+        example = paths[0] if paths and Path(paths[0]).is_file() else None
+        for artifact_path, folder in save_models(model_dir, cfg.family, staging, example, search_index).items():
+            mlflow.log_artifacts(str(folder), artifact_path)
+        data = raw.get("data") or {}
+        register(mlflow, name, cfg.family, metrics, str(data.get("name")), str(data.get("root") or ""))
     print(json.dumps({"variant": name, **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in metrics.items()}}))
+
+
+def register(tracker: Tracker, name: str, family: str, metrics: dict, dataset: str, data_root: str) -> None:
+    """The logged model as a new version of ``name`` in the run's store (promotion.py). A registry
+    that fails is one line on stderr: the evaluation is done and logged."""
+    # queued DVC experiments evaluate in parallel: one compares and moves the alias at a time
+    dvc_tmp = io.project_root() / ".dvc" / "tmp"
+    lock = file_lock(dvc_tmp / "vlbench-registry.lock") if dvc_tmp.parent.is_dir() else contextlib.nullcontext()
+    try:
+        with lock:
+            register_and_promote(tracker.client, tracker.run_id, name, family, metrics, dataset, data_root)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"vlbench: {name} not registered in {tracker.uri} ({type(e).__name__}: {why})", file=sys.stderr)
 
 
 def main(argv=None):

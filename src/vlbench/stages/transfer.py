@@ -140,7 +140,7 @@ def score(name: str, model_dir: Path, data_dir: Path, raw: dict, features_root: 
     picture = metrics_dir / "pictures" / f"{name}.png"
     picture.parent.mkdir(parents=True, exist_ok=True)
     if cfg.family == "alignment":
-        metrics, baselines, speed, generated = evaluate_alignment(
+        metrics, baselines, speed, generated, _ = evaluate_alignment(
             model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed)
     else:  # baselines from the variant's own training split (in-domain), as documented above
         own = features_root / cfg.image_encoder
