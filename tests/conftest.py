@@ -25,6 +25,7 @@ def tiny_params(n_images: int = 48, steps: int = 4, variants: dict | None = None
         "evaluate": {"batch_size": 16, "max_images": 0, "picture_images": 4},
         "tracking": {"experiment": "vlbench-test"},
         "pixel_variants": {},
+        "transfer": {"datasets": {}},  # dvc.yaml loops over it, as over pixel_variants
         "variants": variants
         or {
             "clip": {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0",

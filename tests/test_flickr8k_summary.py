@@ -70,6 +70,18 @@ def test_refuses_params_that_are_not_the_configuration(evaluated, tmp_path):
     assert not (tmp_path / "s.json").exists()
 
 
+def test_tracking_and_transfer_sections_do_not_count(evaluated, tmp_path):
+    config = yaml.safe_load((evaluated / "config.yaml").read_text())
+    config["tracking"] = {"experiment": "elsewhere"}
+    config["transfer"] = {"datasets": {"coco": {"name": "coco", "root": "/nowhere"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/flickr8k/summarize.py"), "--project", str(evaluated),
+                        "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "s.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["clip"]["rsum"] > 0
+
+
 def test_refuses_when_a_variant_has_no_metrics(evaluated, tmp_path):
     summarize = load_summarize()
     params = yaml.safe_load((evaluated / "params.yaml").read_text())
