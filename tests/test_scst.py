@@ -2,6 +2,7 @@
 mean-of-others baseline by hand, sampling with log-probabilities that carry gradients in every
 captioner family, the scst params, and a toy task on which SCST raises dev CIDEr-D."""
 import copy
+import dataclasses
 import random
 import shutil
 
@@ -279,10 +280,17 @@ def toy_task(seed: int = 0):
     return images
 
 
+@torch.no_grad()
+def greedy_cider(model, cider, grid, references) -> float:
+    """Corpus CIDEr-D x100 of the model's greedy captions of ``grid``."""
+    model.eval()
+    greedy = dataclasses.replace(model.cfg.decoding, strategy="greedy")
+    return 100.0 * cider.corpus_score(model.generate(grid, greedy), references)
+
+
 def test_scst_raises_dev_cider_on_a_toy_task():
     from vlbench.models.tokenizers import Vocabulary
     from vlbench.models.variants import build_variant, create_variant_model
-    from vlbench.scst import greedy_cider
 
     images = toy_task()
     train_grid, train_refs = images(4, 1)
@@ -303,13 +311,13 @@ def test_scst_raises_dev_cider_on_a_toy_task():
         loss.backward()
         opt.step()
     cider = CiderD(train_refs)  # document frequencies: training references only
-    before = greedy_cider(model, cider, [dev_grid], dev_refs, cfg.decoding)
+    before = greedy_cider(model, cider, dev_grid, dev_refs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trainer = ScstTrainer(model, cider, samples=5, max_len=12, optimizer=opt, generator=torch.Generator().manual_seed(0))
     rewards = []
     for step in range(8):
         idx = sorted(rng.sample(range(len(train_grid)), 8))
         rewards.append(trainer.step(train_grid[idx], [train_refs[i] for i in idx])["reward"])
-    after = greedy_cider(model, cider, [dev_grid], dev_refs, cfg.decoding)
+    after = greedy_cider(model, cider, dev_grid, dev_refs)
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3])
     assert after > before + 5, (before, after)

@@ -48,8 +48,35 @@ def test_scst_logs_its_reward_curve(prepared, straight):
     run_id = (straight / "run_id").read_text()
     assert len(client.get_metric_history(run_id, "scst_reward")) == SCST_STEPS
     assert len(client.get_metric_history(run_id, "scst_baseline")) == SCST_STEPS
-    val = client.get_metric_history(run_id, "scst_val_cider")
-    assert sorted(m.step for m in val) == [CE_STEPS, CE_STEPS + SCST_STEPS]  # before and after
+    # model selection goes on through SCST: dev evaluations every eval_every (checkpoint_every: 2) steps
+    dev = client.get_metric_history(run_id, "dev_cider")
+    assert sorted(m.step for m in dev) == [2, 4, 6, CE_STEPS + 2, CE_STEPS + 4]
+    curve = list(csv.DictReader(open(prepared / "metrics/curves/dev/straight.csv")))
+    assert [int(r["step"]) for r in curve] == [2, 4, 6, CE_STEPS + 2, CE_STEPS + 4]
+    selected = json.loads((straight / "config.json").read_text())["selection"]
+    best = max(float(r["value"]) for r in curve)
+    assert selected["value"] == best and selected["step"] == min(int(r["step"]) for r in curve if float(r["value"]) == best)
+
+
+def test_scst_that_lowers_dev_cider_leaves_the_cross_entropy_model(prepared):
+    """SCST at a learning rate that wrecks the captioner: the dev evaluations during SCST are worse,
+    so the saved model is the cross-entropy one, weight for weight."""
+    import yaml
+
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    params["variants"]["gridcap"]["scst"]["lr"] = 1.0
+    (prepared / "params_wreck.yaml").write_text(yaml.safe_dump(params))
+    params["variants"]["gridcap"]["scst"]["steps"] = 0
+    (prepared / "params_ce.yaml").write_text(yaml.safe_dump(params))
+    for tag, file in (("wreck", "params_wreck.yaml"), ("ce_only", "params_ce.yaml")):
+        r = train(prepared, tag, params=file)
+        assert r.returncode == 0, r.stderr
+    curve = list(csv.DictReader(open(prepared / "metrics/curves/dev/wreck.csv")))
+    ce = [float(r["value"]) for r in curve if int(r["step"]) <= CE_STEPS]
+    scst = [float(r["value"]) for r in curve if int(r["step"]) > CE_STEPS]
+    assert len(scst) == 2 and max(scst) <= max(ce), curve
+    a, b = load_file(str(prepared / "models/wreck/model.safetensors")), load_file(str(prepared / "models/ce_only/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):

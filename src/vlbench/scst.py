@@ -13,10 +13,14 @@ other k-1 samples, so no greedy decoding is needed and a sample never competes w
 
 The model samples in eval mode (dropout off): the policy trained is the one the evaluation decodes
 with. AdamW at the constant ``scst.lr``, gradients clipped at norm 1 as in cross-entropy training.
-Logged to MLflow: ``scst_reward`` and ``scst_baseline`` (batch means, CIDEr-D x100, the scale of
-the test metrics) every ``optim.log_every`` steps, ``scst_val_cider`` (greedy captions of the first
-val images, same CIDEr-D) before the first and after the last step, ``scst_seconds``; the reward
-rows also go to the training-curve CSV (steps numbered on from the cross-entropy steps).
+Model selection goes on through SCST (vlbench/selection.py): every ``train.eval_every`` SCST
+steps and after the last, the train stage's dev evaluation scores the model with the same dev
+metric and the same ``Selection`` as its cross-entropy steps (patience restarts at the first SCST
+step), so the saved model is the best dev evaluation of either phase; SCST that lowers dev CIDEr
+leaves the cross-entropy model in place. Logged to MLflow: ``scst_reward`` and ``scst_baseline``
+(batch means, CIDEr-D x100, the scale of the test metrics) every ``optim.log_every`` steps,
+``scst_seconds``, and the dev metric of each evaluation (steps numbered on from the cross-entropy
+steps, as are the reward rows in the training-curve CSV).
 
 Resume: at ``train.checkpoint_every`` SCST steps and on SIGTERM the train stage's checkpoint is
 saved with an ``scst`` entry (step, optimizer, batch RNG, sampling generator, reward rows); the
@@ -27,7 +31,6 @@ SCST runs on rank 0 alone (the other ranks finish after the cross-entropy steps)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
 import sys
 import time
@@ -37,9 +40,6 @@ import torch
 
 from .metrics.cider_d import CiderD
 from .runtime import fault_point
-
-VAL_IMAGES = 200  # val images whose greedy captions give scst_val_cider
-
 
 def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
     """rewards [B, k] -> baselines [B, k]: for each sample the mean reward of the other k-1 samples
@@ -88,22 +88,13 @@ class ScstTrainer:
         return {"reward": rewards.mean().item(), "baseline": baseline.mean().item(), "loss": loss.item()}
 
 
-@torch.no_grad()
-def greedy_cider(model, cider: CiderD, batches: Sequence[torch.Tensor], references: Sequence[Sequence[str]],
-                 decoding) -> float:
-    """Corpus CIDEr-D x100 of greedy captions of the images in ``batches`` (no random numbers drawn)."""
-    model.eval()
-    greedy = dataclasses.replace(decoding, strategy="greedy")
-    hyps = [c for grid in batches for c in model.generate(grid, greedy)]
-    return 100.0 * cider.corpus_score(hyps, references)
-
-
-def run_scst(model, cfg, inputs, captions: list[list[str]], val_inputs, val_captions: list[list[str]], device,
-             mlflow, *, first_step: int, seed: int, state: dict | None, save: Callable[[dict], None],
-             stop: dict, checkpoint_every: int, amp=None, scaler=None, eval_batch: int = 64) -> list[dict]:
+def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, first_step: int, seed: int,
+             state: dict | None, save: Callable[[dict], None], stop: dict, checkpoint_every: int,
+             evaluate: Callable[[int], None], selection, eval_every: int, amp=None, scaler=None) -> list[dict]:
     """The SCST phase of the train stage, on one process. ``first_step``: the step number of the
     first SCST step in logs and the curve; ``state``: the loaded resumable checkpoint (or None);
-    ``save(scst_state)``: writes the checkpoint with it. -> the curve rows of the SCST steps."""
+    ``save(scst_state)``: writes the checkpoint with it; ``evaluate(step)``: the train stage's dev
+    evaluation, which updates ``selection``. -> the curve rows of the SCST steps."""
     scfg = cfg.scst
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=cfg.optim.weight_decay)
@@ -111,9 +102,6 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], val_inputs, val_capt
     rng = random.Random(seed + 7919)  # images per step; its own stream: the cross-entropy batches are untouched
     generator = torch.Generator(device=device).manual_seed(seed + 104729)
     trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, optimizer, generator, amp, scaler)
-    n_val = min(VAL_IMAGES, len(val_inputs))
-    val_batches = [val_inputs.batch(range(s, min(s + eval_batch, n_val))).to(device) for s in range(0, n_val, eval_batch)]
-    val_refs = val_captions[:n_val]
 
     resumed = (state or {}).get("scst")
     if resumed is not None:
@@ -125,8 +113,7 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], val_inputs, val_capt
         print(f"vlbench train: resuming SCST from step {begin}/{scfg.steps}", file=sys.stderr)
     else:
         begin, rows = 0, []
-        mlflow.log_metrics({"scst_val_cider": greedy_cider(model, cider, val_batches, val_refs, cfg.decoding)},
-                           step=first_step)
+        selection.bad = 0  # a new phase: its own patience
 
     def snapshot(done: int) -> dict:
         return {"step": done, "optim": optimizer.state_dict(), "rng": rng.getstate(),
@@ -144,13 +131,20 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], val_inputs, val_capt
                                step=first_step + s)
         done = s + 1
         fault_point(first_step + done)
-        if stop.get("signal") or (checkpoint_every and done % checkpoint_every == 0 and done < scfg.steps):
+        if (eval_every and done % eval_every == 0) or done == scfg.steps:
+            evaluate(first_step + done)
+        early = selection.exhausted and done < scfg.steps
+        if early:
+            print(f"vlbench train: SCST stopped after step {done}: no better dev {selection.metric} in "
+                  f"{selection.patience} evaluations (best {selection.best:.4g} at step {selection.best_step})",
+                  file=sys.stderr)
+        elif stop.get("signal") or (checkpoint_every and done % checkpoint_every == 0 and done < scfg.steps):
             save(snapshot(done))
-        if stop.get("signal"):
+        if stop.get("signal") and not early:
             print(f"vlbench train: stopped by signal {stop['signal']} after SCST step {done}; "
                   f"run the stage again to resume", file=sys.stderr)
             raise SystemExit(128 + stop["signal"])
-    seconds = time.perf_counter() - t0
-    end = greedy_cider(model, cider, val_batches, val_refs, cfg.decoding)
-    mlflow.log_metrics({"scst_val_cider": end, "scst_seconds": seconds}, step=first_step + scfg.steps)
+        if early:
+            break
+    mlflow.log_metrics({"scst_seconds": time.perf_counter() - t0}, step=first_step + scfg.steps)
     return rows

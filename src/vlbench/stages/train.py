@@ -270,10 +270,12 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
             model.load_state_dict(selection.weights, strict=False)
         scst_rows = []  # self-critical CIDEr-D training after the cross-entropy steps (vlbench/scst.py), rank 0 only
         if cfg.family == "captioning" and cfg.scst.steps:
-            scst_rows = run_scst(model, cfg, inputs, captions, val_inputs, captions_by_row(splits_dir, "val", val_inputs.ids),
-                                 device, mlflow, first_step=done, seed=tcfg.seed, state=state, amp=amp, scaler=scaler,
+            scst_rows = run_scst(model, cfg, inputs, captions, device, mlflow, first_step=done, seed=tcfg.seed,
+                                 state=state, amp=amp, scaler=scaler,
                                  save=lambda s: save_checkpoint(cfg.optim.steps, scst=s), stop=stop,
-                                 checkpoint_every=tcfg.checkpoint_every)
+                                 checkpoint_every=tcfg.checkpoint_every, evaluate=validate, selection=selection,
+                                 eval_every=eval_every)
+            model.load_state_dict(selection.weights, strict=False)  # the best dev evaluation of either phase
         selected = selection.summary(done, cfg.optim.steps)
         save_trained(model, out_dir, name, variant_params(raw, name), {**extra, "selection": selected})
         with io.atomic_path(curves) as tmp, open(tmp, "w", newline="") as f:
