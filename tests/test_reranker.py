@@ -31,6 +31,29 @@ def test_rerank_reorders_only_the_top_k():
     assert ranks(sim, owner)[1].tolist() == [2, 2, 2, 2]  # before: every caption ranked its image 2nd
 
 
+def test_dev_weight_follows_what_the_matcher_is_worth():
+    from vlbench.models.reranker import DEV_WEIGHTS, top_k_scores
+    from vlbench.scoring import pick_rerank_weight
+
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    sim = torch.tensor([[0.5, 0.1, 0.6, 0.2, 0.0, 0.0],   # img0: its c0 2nd, behind c2
+                        [0.1, 0.2, 0.3, 0.5, 0.6, 0.1],   # img1: its c3 2nd, behind c4
+                        [0.0, 0.3, 0.0, 0.1, 0.9, 0.4]])  # img2: its c4 1st
+
+    def order_for(w):  # the dual encoder's logit (scale 10) plus w x the matcher's
+        return lambda first, itm: 10 * first + w * itm
+
+    oracle = top_k_scores(sim, 2, lambda i, c: 8.0 * (owner[c] == i).float())
+    w, tried = pick_rerank_weight(sim, oracle, owner, order_for)
+    assert list(tried) == list(DEV_WEIGHTS) and w > 0 and tried[w] > tried[0.0]
+    # the first weight that fixes every fixable query: caption c2's own image trails by 0.3 (x10 = 3),
+    # which 0.25 x 8 does not outweigh and 0.5 x 8 does (the 0.1 gaps of img0 and img1 give way at 0.25)
+    assert w == 0.5 and tried[0.25] < tried[0.5] == max(tried.values())
+    liar = top_k_scores(sim, 2, lambda i, c: 8.0 * (owner[c] != i).float())  # prefers the wrong pair
+    w, tried = pick_rerank_weight(sim, liar, owner, order_for)
+    assert w == 0.0 and tried[0.0] == max(tried.values()) and tried[4.0] < tried[0.0]
+
+
 def test_hard_negatives_are_never_the_matched_pair_and_follow_similarity():
     torch.manual_seed(0)
     logits = torch.zeros(6, 6)
@@ -80,7 +103,8 @@ def test_reranked_variant_reports_both_recalls_and_its_cost(reranked_project):
         def match(i, j):  # the re-ranker's score of image i with caption j
             n = int(mask[j].sum())
             itm = model.reranker(tokens[j : j + 1, :n], mask[j : j + 1, :n], grid[i : i + 1]).item()
-            return itm if cfg.reranker.combine == "itm" else itm + model.scale().item() * sim[i][j]
+            weight = m["rerank_weight"]  # combine: dev, the weight chosen on the dev split
+            return weight * itm + model.scale().item() * sim[i][j]
 
         def candidates(i=None, j=None):  # (image, caption) pairs of one query, best first by similarity
             pairs = [(i, c) for c in range(len(flat))] if j is None else [(q, j) for q in range(len(captions))]
@@ -106,6 +130,9 @@ def test_reranked_variant_reports_both_recalls_and_its_cost(reranked_project):
         assert m[f"reranked_{direction}_R@10"] == pytest.approx(m[f"{direction}_R@10"])
     assert result["speed"]["rerank_ms_per_1000_queries"] > 0 and result["speed"]["ms_per_1000_queries"] > 0
     assert result["rerank_top_k"] == 5
+    from vlbench.models.reranker import DEV_WEIGHTS
+
+    assert m["rerank_weight"] in DEV_WEIGHTS  # reranker.combine: dev (the default)
     rp = result["random_projection"]
     assert set(rp) >= {"i2t_R@1", "t2i_R@10", "rsum"}
     summary = (reranked_project / "metrics/summary.md").read_text()

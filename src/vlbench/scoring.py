@@ -16,8 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data.manifests import captions_by_row
+from .inputs import open_inputs
 from .metrics.retrieval import chance_recall, retrieval_metrics
 from .models.protocols import AlignmentModel, CaptioningModel
+from .models.reranker import DEV_WEIGHTS, reorder_top_k, top_k_scores
 from .training import encode_texts
 
 
@@ -40,14 +43,73 @@ def random_projection_baseline(image_pooled: torch.Tensor, text_pooled: torch.Te
     return retrieval_metrics(img @ txt.t(), owner)
 
 
+def _image_batches(inputs, n: int, batch_size: int, device):
+    """The first n rows of ``inputs`` (cached token grids, or pixels for a model that holds its image
+    encoder), in batches on ``device``."""
+    for s in range(0, n, batch_size):
+        yield inputs.batch(range(s, min(s + batch_size, n))).to(device)
+
+
+def _rerank_scores(model: AlignmentModel, sim, tokens, masks, image_tokens) -> dict:
+    """The re-ranker's matching logits of each query's top-k candidates, both directions."""
+    text_p, mask_p, image_p = model.reranker.project(tokens, masks, image_tokens)
+
+    def score(image_idx, caption_idx):
+        return model.reranker.score(text_p[caption_idx], mask_p[caption_idx], image_p[image_idx])
+
+    return top_k_scores(sim, model.cfg.reranker.top_k, score)
+
+
+def _rerank_order(model: AlignmentModel, weight: float):
+    """What orders the top-k: the matching logit alone (combine: itm), or the dual encoder's logit
+    plus ``weight`` x it."""
+    if model.cfg.reranker.combine == "itm":
+        return lambda first, itm: itm
+    return lambda first, itm: model.scale() * first + weight * itm
+
+
+def dev_split(cfg, splits_dir: str, features_dir: str | None):
+    """(inputs, captions) of the dev split where the variant needs it at scoring time (a re-ranker
+    with ``combine: dev``), else None."""
+    reranker = getattr(cfg, "reranker", None)
+    if reranker is None or not reranker.top_k or reranker.combine != "dev":
+        return None
+    inputs = open_inputs("val", splits_dir, features_dir, cfg)
+    return inputs, captions_by_row(splits_dir, "val", inputs.ids)
+
+
+def pick_rerank_weight(sim, scores, owner, order_for) -> tuple[float, dict[float, float]]:
+    """The weight w (DEV_WEIGHTS) whose order ``order_for(w)`` of each query's top-k (``scores``:
+    ``top_k_scores``) gives the best i2t R@1 + t2i R@1; the first best, so a tie keeps the smaller
+    weight (w = 0: the dual encoder's own order). -> (w, {w: i2t R@1 + t2i R@1})."""
+    tried = {}
+    for w in DEV_WEIGHTS:
+        i2t_sim, t2i_sim = reorder_top_k(sim, scores, order_for(w))
+        tried[w] = retrieval_metrics(i2t_sim, owner)["i2t_R@1"] + retrieval_metrics(t2i_sim, owner)["t2i_R@1"]
+    return max(tried, key=lambda w: (tried[w], -w)), tried
+
+
+@torch.no_grad()
+def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_size) -> tuple[float, dict[float, float]]:
+    """``reranker.combine: dev``: ``pick_rerank_weight`` on the dev split (``inputs``, ``captions``: its rows)."""
+    flat = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], device=device)
+    image_tokens = torch.cat([model.image_tokens(b) for b in _image_batches(inputs, len(captions), batch_size, device)])
+    pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=True, desc="dev captions")
+    sim = model.embed_images(image_tokens) @ model.embed_text_features(pooled).t()
+    scores = _rerank_scores(model, sim, tokens, masks, image_tokens)
+    return pick_rerank_weight(sim, scores, owner, lambda w: _rerank_order(model, w))
+
+
 @torch.no_grad()
 def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, batch_size, n_pictures, picture_path,
-                       seed):
+                       seed, dev=None):
+    """``dev``: (inputs, captions) of the dev split, on which ``reranker.combine: dev`` chooses the
+    re-ranker's weight (``metrics["rerank_weight"]``)."""
     n = len(captions)  # the first n rows of ``inputs``
 
-    def image_batches():  # cached token grids, or pixels for a model that holds its image encoder
-        for s in range(0, n, batch_size):
-            yield inputs.batch(range(s, min(s + batch_size, n))).to(device)
+    def image_batches():
+        return _image_batches(inputs, n, batch_size, device)
 
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
@@ -61,20 +123,18 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     # one query = one caption (t2i) or one image (i2t); the cost is embedding both sides + one matmul
     speed = {"queries_per_s": len(flat) / seconds, "ms_per_1000_queries": seconds / (len(flat) + n) * 1e6}
     if keep_tokens:
+        weight = 1.0  # combine: sum
+        if model.cfg.reranker.combine == "dev":
+            if dev is None:
+                raise ValueError("reranker.combine: dev needs the dev split to choose the re-ranker's weight on")
+            weight, tried = choose_rerank_weight(model, *dev, device, batch_size)
+            metrics["rerank_weight"] = weight
+            print("re-ranker weight chosen on dev: " + ", ".join(
+                f"{'*' if w == weight else ''}w={w:g}: i2t+t2i R@1 {v:.1f}" for w, v in tried.items()), file=sys.stderr)
         image_tokens = torch.cat([model.image_tokens(b) for b in image_batches()])
-
-        text_p, mask_p, image_p = model.reranker.project(tokens, masks, image_tokens)
-
-        def score(image_idx, caption_idx):
-            itm = model.reranker.score(text_p[caption_idx], mask_p[caption_idx], image_p[image_idx])
-            if model.cfg.reranker.combine == "itm":
-                return itm
-            return itm + model.scale() * sim[image_idx, caption_idx]
-
-        from .models.reranker import rerank_top_k
-
         t0 = time.perf_counter()
-        i2t_sim, t2i_sim = rerank_top_k(sim, model.cfg.reranker.top_k, score)
+        i2t_sim, t2i_sim = reorder_top_k(sim, _rerank_scores(model, sim, tokens, masks, image_tokens),
+                                         _rerank_order(model, weight))
         rerank_seconds = time.perf_counter() - t0
         i2t = retrieval_metrics(i2t_sim, owner.to(device))
         t2i = retrieval_metrics(t2i_sim, owner.to(device))

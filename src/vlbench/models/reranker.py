@@ -19,6 +19,9 @@ from ..config import in_range, positive
 from ..errors import ParamError
 
 
+DEV_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # combine: dev: the matching logit's weights tried
+
+
 @dataclass
 class RerankerConfig:
     """Cross-attention re-ranker with an image-text matching head (``top_k: 0`` = none)."""
@@ -29,9 +32,11 @@ class RerankerConfig:
     heads: int = 4
     dropout: float = 0.1
     itm_weight: float = 1.0  # matching loss weight next to the contrastive loss
-    # the score that orders the top-k: the matching logit alone (ALBEF/BLIP), or plus the dual
-    # encoder's logit (safer when the re-ranker is small and trained briefly)
-    combine: Literal["itm", "sum"] = "sum"
+    # the score that orders the top-k: the matching logit alone (ALBEF/BLIP); the dual encoder's
+    # logit plus it (sum); or the dual encoder's logit plus w x it, w chosen on the dev split from
+    # DEV_WEIGHTS for the best i2t R@1 + t2i R@1 (dev: the evaluate stage does it; w = 0 keeps the
+    # dual encoder's order, so re-ranking never costs dev R@1)
+    combine: Literal["itm", "sum", "dev"] = "dev"
 
     def check(self, p):
         positive(p, self, "d_model", "layers", "heads", "itm_weight")
@@ -96,26 +101,40 @@ def itm_loss(reranker: CrossAttentionReranker, logits: torch.Tensor, text_tokens
 
 
 @torch.no_grad()
-def rerank_top_k(sim: torch.Tensor, k: int, score, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-order each query's top-k by ``score(image_idx, caption_idx) -> match logits``.
-
-    Returns (i2t_sim, t2i_sim): copies of ``sim`` [n_images, n_captions] in which each image's
-    (row's) or caption's (column's) top-k candidates are lifted above every other entry (cosines
-    lie in [-1, 1]) in the re-ranker's order; the rest keep the dual encoder's order.
-    """
-
-    def lifted(s: torch.Tensor, queries_are_images: bool) -> torch.Tensor:  # rows of s are queries
+def top_k_scores(sim: torch.Tensor, k: int, score, batch_size: int = 512) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each query's top-k candidates by ``sim`` [n_images, n_captions] and their
+    ``score(image_idx, caption_idx) -> match logits``, in both directions:
+    -> {"i2t": (top [n_images, kk], logits), "t2i": (top [n_captions, kk], logits)}."""
+    out = {}
+    for direction, s in (("i2t", sim), ("t2i", sim.t())):  # rows of s are queries
         kk = min(k, s.shape[1])
         top = s.topk(kk, dim=1).indices  # [Q, kk]
         query = torch.arange(len(s), device=s.device)[:, None].expand_as(top).reshape(-1)
         cand = top.reshape(-1)
-        img, cap = (query, cand) if queries_are_images else (cand, query)
+        img, cap = (query, cand) if direction == "i2t" else (cand, query)
         logits = torch.cat([score(img[i : i + batch_size], cap[i : i + batch_size])
                             for i in range(0, len(img), batch_size)]).view(-1, kk)
+        out[direction] = (top, logits)
+    return out
+
+
+def reorder_top_k(sim: torch.Tensor, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], order) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-order each query's top-k (``top_k_scores``) by ``order(first, logits) -> values``, where
+    ``first`` [Q, kk] are the candidates' values in ``sim``. Returns (i2t_sim, t2i_sim): copies of
+    ``sim`` in which each image's (row's) or caption's (column's) top-k candidates are lifted above
+    every other entry (cosines lie in [-1, 1]) in that order; the rest keep the dual encoder's order."""
+
+    def lifted(s: torch.Tensor, top: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        kk = top.shape[1]
         # rank r (0 = best) of each candidate -> value 2 + kk - r, distinct and above any cosine
-        rank = logits.argsort(1, descending=True).argsort(1)
+        rank = order(s.gather(1, top), logits).argsort(1, descending=True).argsort(1)
         out = s.clone()
         out.scatter_(1, top, (2 + kk - rank).to(s.dtype))
         return out
 
-    return lifted(sim, True), lifted(sim.t(), False).t()
+    return lifted(sim, *scores["i2t"]), lifted(sim.t(), *scores["t2i"]).t()
+
+
+def rerank_top_k(sim: torch.Tensor, k: int, score, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-order each query's top-k by ``score(image_idx, caption_idx)`` alone -> (i2t_sim, t2i_sim)."""
+    return reorder_top_k(sim, top_k_scores(sim, k, score, batch_size), lambda first, logits: logits)

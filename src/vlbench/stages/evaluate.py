@@ -26,7 +26,7 @@ from ..models.trained import load_trained
 from ..params import load_params, section
 from ..promotion import register_and_promote
 from ..runtime import configure_threads, pick_device, seed_everything
-from ..scoring import evaluate_alignment, evaluate_captioning, peak_memory_mb
+from ..scoring import dev_split, evaluate_alignment, evaluate_captioning, peak_memory_mb
 from ..serving import save_models
 from ..tracking import Tracker, file_lock
 
@@ -61,7 +61,8 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     picture.parent.mkdir(parents=True, exist_ok=True)
     if cfg.family == "alignment":
         metrics, baselines, speed, generated, image_emb = evaluate_alignment(
-            model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed)
+            model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed,
+            dev=dev_split(cfg, splits_dir, features_dir))
         search_index = (ids, image_emb.cpu().numpy())  # the served search model's images
     else:
         search_index = None

@@ -165,7 +165,8 @@ def summarise(results: list[dict], transfer: dict[str, dict[str, dict]] | None =
             if "reranked_rsum" in r["metrics"]:
                 reranked = {k.removeprefix("reranked_"): v for k, v in r["metrics"].items() if k.startswith("reranked_")}
                 k = r.get("rerank_top_k", "k")
-                rows.append((f"{r['variant']} + cross-attention re-rank of top-{k}", reranked,
+                how = f" (matching weight {r['metrics']['rerank_weight']:g}, chosen on dev)" if "rerank_weight" in r["metrics"] else ""
+                rows.append((f"{r['variant']} + cross-attention re-rank of top-{k}{how}", reranked,
                              f"+{speed['rerank_ms_per_1000_queries']:.0f} ms", mem, ""))
         rows.append(("*random projections* (pretrained features, no training)", r0["random_projection"], "", "", ""))
         rows.append(("*chance*", r0["chance"], "", "", ""))

@@ -40,7 +40,7 @@ from ..models.registry import create_image_encoder, resolve_image_size
 from ..models.trained import load_trained
 from ..params import TransferDataset, check_label, load_params, section, variant_names
 from ..runtime import configure_threads, pick_device, seed_everything
-from ..scoring import evaluate_alignment, evaluate_captioning, peak_memory_mb
+from ..scoring import dev_split, evaluate_alignment, evaluate_captioning, peak_memory_mb
 from ..tracking import Tracker
 
 
@@ -140,8 +140,10 @@ def score(name: str, model_dir: Path, data_dir: Path, raw: dict, features_root: 
     picture = metrics_dir / "pictures" / f"{name}.png"
     picture.parent.mkdir(parents=True, exist_ok=True)
     if cfg.family == "alignment":
+        own = None if pixels else str(features_root / cfg.image_encoder)  # the re-ranker's weight: the variant's own dev split
         metrics, baselines, speed, generated, _ = evaluate_alignment(
-            model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed)
+            model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed,
+            dev=dev_split(cfg, str(splits_dir), own))
     else:  # baselines from the variant's own training split (in-domain), as documented above
         own = features_root / cfg.image_encoder
         check_features(own, cfg.image_encoder, f"variants.{name}.image_encoder", section(raw, "features").image_size)
