@@ -40,18 +40,15 @@ from vlbench.models.variants import build_variant, create_variant_model
 from vlbench.runtime import load_image, pick_device, to_tensor
 from vlbench.training import TextCache, make_step
 
+from alignment_precision import flickr8k  # same folder: the real photos and their captions
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def flickr8k_or_generated(n: int, root: Path) -> tuple[list[str], list[list[str]]]:
-    token = root / "Flickr8k_text" / "Flickr8k.token.txt"
-    if token.is_file():
-        caps: dict[str, list[str]] = {}
-        for line in token.read_text(encoding="utf-8").splitlines():
-            key, _, text = line.partition("\t")
-            caps.setdefault(key.split("#")[0], []).append(text.strip())
-        names = [k for k in sorted(caps) if (root / "Flicker8k_Dataset" / k).is_file()][:n]
-        return [str(root / "Flicker8k_Dataset" / k) for k in names], [caps[k] for k in names]
+    found = flickr8k(n, root)
+    if found:
+        return found
     from vlbench.data import shapes
 
     tmp = Path(tempfile.mkdtemp())
