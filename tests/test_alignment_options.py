@@ -74,6 +74,42 @@ def test_only_the_top_layers_are_tuned(tuning, tmp_path):
         assert torch.allclose(model.text_features(CAPTIONS, "cpu"), again.text_features(CAPTIONS, "cpu"), atol=1e-5)
 
 
+def test_top_layer_tuning_from_cached_frozen_layers_equals_the_whole_encoder():
+    """text_tune_layers with full tuning: the frozen layers' output computed once per caption
+    (TunedTextCache), then only the top layers per step, gives the whole encoder's features and
+    the same gradients on the tuned layers."""
+    from vlbench.training import TunedTextCache
+
+    raw = {**BASE, "text_tuning": "full", "text_tune_layers": 2}
+    captions = [CAPTIONS[:2], CAPTIONS[2:], ["a dog"]]
+    model = create_variant_model(build_variant("t", raw), 16, 4)
+    assert TunedTextCache.works_for(model, CAPTIONS, "cpu")
+    cache = TunedTextCache(model, captions, "cpu")
+    assert cache.states.dtype == torch.float16 and cache.states.shape[:2] == (5, model.cfg.max_text_len)
+    model.eval()  # dropout off, so the two paths can be compared exactly
+    idx, cap_idx = [0, 1, 2], [1, 0, 0]
+    texts = [captions[i][j] for i, j in zip(idx, cap_idx)]
+    images = torch.rand(3, 4, 16)
+    grads = []
+    for cached in (True, False):
+        model.zero_grad(set_to_none=True)
+        if cached:
+            pooled, tokens, mask = cache.lookup(idx, cap_idx, "cpu")
+            assert tokens.shape[1] == int(mask.sum(1).max())  # trimmed to the batch's longest caption
+        else:
+            tokens, mask = model.text_tokens(texts, "cpu")
+            pooled = model.pool_text(tokens, mask)
+        model.loss(images, pooled).backward()
+        grads.append({n: p.grad.clone() for n, p in model.text_model.named_parameters() if p.grad is not None})
+        features = pooled.detach() if cached else features
+    assert grads[0].keys() == grads[1].keys() and all(".layer.4." in n or ".layer.5." in n for n in grads[0])
+    for n in grads[0]:  # the cache holds fp16: equal up to its rounding
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-3, rtol=1e-2), n
+    assert torch.allclose(features, pooled.detach(), atol=1e-3)
+    # a model without a tuned top (frozen text, or all layers tuned) has no cached path
+    assert not TunedTextCache.works_for(create_variant_model(build_variant("t", BASE), 16, 4), CAPTIONS, "cpu")
+
+
 def test_captions_per_image_draws_distinct_captions_of_each_image():
     captions = [[f"image {i} caption {j}" for j in range(5 if i % 4 else 1)] for i in range(10)]
     one = Batches(10, captions, 4, seed=0).sample()

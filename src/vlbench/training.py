@@ -99,6 +99,58 @@ class TextCache:
         return self.pooled[rows].to(device), self.tokens[rows].to(device), self.masks[rows].to(device)
 
 
+class TunedTextCache:
+    """Text tuning of the top layers only (``text_tuning: full`` with ``text_tune_layers``): the
+    frozen embeddings and bottom layers give every caption the same output every step (they run in
+    eval mode, without dropout), so it is computed once here (fp16, [captions, max_text_len, D]) and
+    each step runs only the tuned layers on it. ``lookup`` returns what the uncached step computes:
+    pooled text features, token states and mask (trimmed to the batch's longest caption)."""
+
+    def __init__(self, model: AlignmentModel, captions: list[list[str]], device, batch_size: int = 64):
+        texts = [c for caps in captions for c in caps]
+        self.model = model
+        states, masks = [], []
+        was_training = model.training
+        model.eval()
+        for s in tqdm(range(0, len(texts), batch_size), desc="frozen text layers", unit="batch",
+                      disable=distributed.from_env().rank != 0):
+            h, m = model.text_frozen_states(texts[s : s + batch_size], device, model.cfg.max_text_len)
+            states.append(h.half().cpu())
+            masks.append(m.cpu())
+        model.train(was_training)
+        self.states, self.masks = torch.cat(states), torch.cat(masks)
+        self.first = np.cumsum([0] + [len(c) for c in captions])[:-1]  # row of each image's first caption
+
+    @staticmethod
+    @torch.no_grad()
+    def works_for(model: AlignmentModel, texts: list[str], device) -> bool:
+        """Whether running the tuned layers apart gives the encoder's own output on ``texts`` (it
+        does for BERT-style encoders; an architecture whose layers need more than the hidden states
+        and the attention mask would not)."""
+        if getattr(model, "text_top", None) is None:
+            return False
+        was_training = model.training
+        model.eval()
+        try:
+            whole, mask = model.text_tokens(texts, device, pad_to=model.cfg.max_text_len)
+            states, _ = model.text_frozen_states(texts, device, model.cfg.max_text_len)
+            apart = model.text_tokens_from_frozen(states, mask)
+            keep = mask.bool()
+            return bool(torch.allclose(apart[keep], whole[keep], atol=1e-4, rtol=1e-4))
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+            return False
+        finally:
+            model.train(was_training)
+
+    def lookup(self, idx, cap_idx, device):
+        rows = torch.as_tensor(self.first[idx] + np.asarray(cap_idx))
+        mask = self.masks[rows]
+        n = int(mask.sum(1).max())  # padding past the longest caption changes nothing but the cost
+        mask = mask[:, :n].to(device)
+        tokens = self.model.text_tokens_from_frozen(self.states[rows, :n].to(device).float(), mask)
+        return self.model.pool_text(tokens, mask), tokens, mask
+
+
 def make_step(model: AlignmentModel | CaptioningModel, cfg, captions: list[list[str]], text_cache: TextCache | None,
               inputs, device, forward=None):
     """Return a function batch -> loss for this model family (``inputs``: see vlbench/inputs.py).

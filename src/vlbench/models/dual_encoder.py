@@ -83,6 +83,39 @@ class DualEncoderConfig(VariantConfig):
 
 
 
+class _Passthrough(nn.Module):
+    """Stands in for a text encoder's embeddings: what comes in as ``inputs_embeds`` (keyword, as
+    BERT passes it, or second positional argument, as DistilBERT does) goes on unchanged."""
+
+    def forward(self, *args, inputs_embeds=None, **_):
+        return inputs_embeds if inputs_embeds is not None else args[1]
+
+
+def top_layers_view(text_model: nn.Module, layers_name: str, tuned: list[int]) -> nn.Module:
+    """A shallow copy of ``text_model`` whose embeddings pass their input through and whose layer
+    stack holds only the ``tuned`` layers (the same modules: gradients reach the real weights).
+    Called with ``inputs_embeds`` = the frozen layers' output and the attention mask, it runs the
+    encoder's own forward (its own attention-mask handling) over the tuned layers alone."""
+    import copy
+
+    def shallow(module: nn.Module) -> nn.Module:
+        c = copy.copy(module)
+        c._modules = dict(module._modules)  # a copy's submodules can be replaced without touching the original's
+        return c
+
+    view = shallow(text_model)
+    view.embeddings = _Passthrough()
+    *path, last = layers_name.split(".")
+    parent = view
+    for name in path:  # e.g. encoder.layer: copy the chain down to the stack's parent
+        child = shallow(getattr(parent, name))
+        setattr(parent, name, child)
+        parent = child
+    stack = getattr(parent, last)
+    setattr(parent, last, nn.ModuleList([stack[i] for i in tuned]))
+    return view
+
+
 class ProjectionHead(nn.Module):
     """``linear``: one matrix. ``mlp``: linear -> GELU -> linear, dropout, residual, LayerNorm
     (the head of the popular Flickr8k CLIP tutorial)."""
@@ -145,6 +178,12 @@ class DualEncoder(nn.Module):
             self.text_model.requires_grad_(False)
             for i in tuned:
                 layers[i].requires_grad_(True)
+        # full tuning of the top layers: the frozen layers' output can be computed once per caption
+        # (training.TunedTextCache) and each step runs only the tuned layers on it
+        self.text_top = None
+        if cfg.text_tuning == "full" and tuned:
+            object.__setattr__(self, "text_top", top_layers_view(self.text_model, layers_name, tuned))  # not a submodule
+        self.text_first_tuned = len(layers) - len(tuned)
         if cfg.text_tuning == "lora":
             from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
@@ -192,6 +231,20 @@ class DualEncoder(nn.Module):
         with torch.set_grad_enabled(self.cfg.text_tuning != "frozen" and torch.is_grad_enabled()):
             hidden = self.text_model(**batch).last_hidden_state
         return hidden, batch["attention_mask"]
+
+    @torch.no_grad()
+    def text_frozen_states(self, captions: list[str], device, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input of the first tuned layer [B, pad_to, D] (the frozen layers' output, in eval
+        mode as in training) and the attention mask; for ``text_top``."""
+        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=pad_to,
+                               return_tensors="pt").to(device)
+        out = self.text_model(**batch, output_hidden_states=True)
+        return out.hidden_states[self.text_first_tuned], batch["attention_mask"]
+
+    def text_tokens_from_frozen(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The text encoder's last hidden states from the frozen layers' output: only the tuned
+        layers run (with gradients in training)."""
+        return self.text_top(inputs_embeds=states, attention_mask=mask).last_hidden_state
 
     def pool_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return pool_tokens(tokens.float(), mask, self.cfg.text_pooling)

@@ -47,7 +47,7 @@ from ..runtime import configure_threads, fault_point, fingerprint, pick_device, 
 from ..scst import run_scst
 from ..selection import Selection, eval_cadence, make_dev_metric, selection_metric
 from ..tracking import Tracker
-from ..training import Batches, Checkpoint, TextCache, accumulate, amp_dtype, lr_at, make_step
+from ..training import Batches, Checkpoint, TextCache, TunedTextCache, accumulate, amp_dtype, lr_at, make_step
 
 
 def make_val_loss(model: AlignmentModel | CaptioningModel, cfg, inputs, splits_dir: str, cached_text: bool, device,
@@ -124,6 +124,12 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     if cfg.family == "alignment" and cfg.text_tuning == "frozen":
         model.eval()
         text_cache = TextCache(model, captions, device)
+    elif cfg.family == "alignment" and cfg.text_tune_layers and cfg.text_tuning == "full":
+        if TunedTextCache.works_for(model, [c for caps in captions[:8] for c in caps], device):
+            text_cache = TunedTextCache(model, captions, device)  # the frozen layers run once per caption
+        elif ranks.is_main:
+            print(f"vlbench train: {cfg.text_encoder}'s tuned layers do not run apart from its frozen ones; "
+                  f"every step runs the whole text encoder", file=sys.stderr)
     optim = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                               fused=device.type == "cuda")  # one kernel for all parameters
     dtype = amp_dtype(tcfg.precision, device)
