@@ -2,7 +2,7 @@
 side by side in one process (issue 13).
 
     python benchmarks/alignment_precision.py [--images 128] [--batch-size 32] [--steps 4] [--rounds 3]
-                                             [--root ../shared/data/flickr8k-224]
+                                             [--root ../shared/data/flickr8k-224] [--only 1 2 3]
 
 Text tuning: ``full`` (all 6 MiniLM layers), ``full`` with ``text_tune_layers: 2`` (the bottom
 4 layers frozen, run without autograd) with the whole encoder run each step and, as the train stage
@@ -121,11 +121,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per precision (after one warm-up round)")
     ap.add_argument("--root", default=str(ROOT / ".." / "shared" / "data" / "flickr8k-224"))
+    ap.add_argument("--only", nargs="*", type=int, help="indices of CONFIGS to run (default: all); the "
+                    "speed-up column compares with the first one run")
     a = ap.parse_args()
     device = torch.device("cpu")
     inputs, captions, what = data(a, device)
     rows = []
-    for label, (options, cached) in CONFIGS.items():
+    for k, (label, (options, cached)) in enumerate(CONFIGS.items()):
+        if a.only and k not in a.only:
+            continue
         cfg = build_variant("bench", {"model": "dual_encoder", "image_encoder": "efficientnet_lite0",
                                       "text_encoder": "minilm_l6", "embed_dim": 256, **options,
                                       "optim": {"batch_size": a.batch_size}})
@@ -144,7 +148,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {what}; batch {a.batch_size}, {a.rounds} rounds of {a.steps} steps "
           f"per precision after one warm-up round (median round)")
     base = rows[0][2]
-    print("| text tuning | trainable params | fp32 samples/s | vs full, fp32 | bf16 samples/s | bf16 speed-up, wall | "
+    print("| text tuning | trainable params | fp32 samples/s | vs first row, fp32 | bf16 samples/s | bf16 speed-up, wall | "
           f"bf16 speed-up, CPU time | loss after {(a.rounds + 1) * a.steps} steps, fp32 / bf16 | one-off cache s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, n, f32, b16, cpu_ratio, l32, l16, pre in rows:
