@@ -11,9 +11,9 @@ one-off cost is the last column), the top layer alone likewise, ``lora`` (all la
 the top 2 layers.
 Each configuration trains two models from the same initial weights on the same batches, one in
 fp32 and one under bf16 autocast, through the train stage's own step (``training.make_step``,
-``accumulate``, gradient clipping, AdamW). Timing alternates between the two in rounds of
-``--steps`` steps (first round: warm-up, not timed), so that load from other jobs on the machine
-falls on both alike. Image side: real Flickr8k photos (``--root``, read in place) encoded once by
+``accumulate``, gradient clipping, AdamW). Every run of every configuration steps in each round of
+``--steps`` steps, in alternating order (first round: warm-up, not timed), so that load from other
+jobs on the machine falls on all alike. Image side: real Flickr8k photos (``--root``, read in place) encoded once by
 EfficientNet-Lite0 at 224 px into cached grids, as the pipeline does; random grids when the copy
 is absent.
 """
@@ -126,18 +126,20 @@ def main() -> None:
     a = ap.parse_args()
     device = torch.device("cpu")
     inputs, captions, what = data(a, device)
-    rows = []
+    built = []  # (label, {precision: Run}): every configuration's two runs, timed in the same rounds
     for k, (label, (options, cached)) in enumerate(CONFIGS.items()):
         if a.only and k not in a.only:
             continue
         cfg = build_variant("bench", {"model": "dual_encoder", "image_encoder": "efficientnet_lite0",
                                       "text_encoder": "minilm_l6", "embed_dim": 256, **options,
                                       "optim": {"batch_size": a.batch_size}})
-        runs = {p: Run(cfg, captions, inputs, device, p, seed=0, cached=cached) for p in ("fp32", "bf16")}
-        for r in range(a.rounds + 1):
-            order = ("fp32", "bf16") if r % 2 else ("bf16", "fp32")
-            for p in order:
-                runs[p].train(a.steps, timed=r > 0)
+        built.append((label, {p: Run(cfg, captions, inputs, device, p, seed=0, cached=cached) for p in ("fp32", "bf16")}))
+    every = [run for _, runs in built for run in runs.values()]
+    for r in range(a.rounds + 1):  # each round steps every run, in alternating order: load falls on all alike
+        for run in (every if r % 2 else every[::-1]):
+            run.train(a.steps, timed=r > 0)
+    rows = []
+    for label, runs in built:
         trainable = sum(p.numel() for p in runs["fp32"].params)
         sps = {p: a.batch_size / statistics.median(run.seconds) for p, run in runs.items()}
         cpu = {p: statistics.median(run.cpu_seconds) for p, run in runs.items()}
