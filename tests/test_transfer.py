@@ -214,6 +214,32 @@ def test_a_copy_without_a_split_is_scored_on_a_seeded_sample(project, tmp_path):
     shutil.rmtree(d / "data/transfer/sample")
 
 
+def test_the_training_copy_scored_by_transfer_gives_the_evaluate_stage_numbers(project):
+    """Transfer onto the very copy the variants were trained and evaluated on: its own features,
+    test split and scoring path must reproduce the evaluate stage's results number for number."""
+    d = project
+    r = run_cli(["transfer", "--dataset", "itself", "--name", "flickr8k", "--root", str(d / "f8k")], cwd=d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    try:
+        for v in ("clip", "gridcap"):
+            own = json.loads((d / f"metrics/{v}.json").read_text())
+            again = json.loads((d / f"metrics/transfer/itself/{v}.json").read_text())
+            assert again["images"] == own["images"] == 10 and again["captions"] == own["captions"]
+            assert again["metrics"] == own["metrics"]
+            baselines = ("chance", "random_projection") if v == "clip" else ("chance", "nearest_neighbour", "references")
+            for b in baselines:
+                assert again[b] == own[b], b
+        # every decoding of the captioner scored alike (its speed aside), with the same captions
+        own, again = (json.loads((d / f).read_text()) for f in ("metrics/gridcap.json", "metrics/transfer/itself/gridcap.json"))
+        without_speed = lambda table: {k: {m: x for m, x in row.items() if m != "captions_per_s"} for k, row in table.items()}
+        assert again["decoding"] == own["decoding"] and without_speed(again["decodings"]) == without_speed(own["decodings"])
+        assert json.loads((d / "metrics/transfer/itself/gridcap_captions.json").read_text()) == \
+            json.loads((d / "metrics/gridcap_captions.json").read_text())
+    finally:
+        shutil.rmtree(d / "metrics/transfer/itself", ignore_errors=True)
+        shutil.rmtree(d / "data/transfer/itself", ignore_errors=True)
+
+
 def test_dvc_stage_with_a_dataset_declares_its_deps_and_runs_after_training(tmp_path):
     """params.yaml ships with no transfer dataset (so tests/test_dvc_deps.py sees no transfer stage):
     with one, the stage declares its code and params and DVC orders it after every train stage."""

@@ -11,16 +11,23 @@ import random
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.manifests import captions_by_row
-from .inputs import open_inputs
+from . import io
+from .data.manifests import captions_by_row, read_manifest
+from .errors import ParamError
+from .image_features import load_features
+from .inputs import check_features, open_inputs
 from .metrics.retrieval import chance_recall, retrieval_metrics
 from .models.protocols import AlignmentModel, CaptioningModel
 from .models.reranker import DEV_WEIGHTS, reorder_top_k, top_k_scores
+from .models.trained import load_trained
+from .params import section
+from .runtime import seed_everything
 from .training import encode_texts
 
 
@@ -224,3 +231,72 @@ def evaluate_captioning(model: CaptioningModel, cfg, feats, captions, ids, paths
     human = diversity([c[0] for c in captions])  # the first human reference of each image
     return metrics, {"chance": chance, "nearest_neighbour": nearest, "references": human, "decoding": head,
                      "decodings": table}, speed, generated
+
+
+def score_test_split(name: str, model_dir: Path, raw: dict, test_dir: Path, test_features: Path | None,
+                     own_splits: Path, own_features: Path | None, metrics_dir: Path, device,
+                     extra: dict | None = None) -> tuple[dict, list[str], tuple | None]:
+    """One trained variant on the test split in ``test_dir`` (its ``test.parquet``; image tokens from
+    ``test_features``, None for a pixel variant): metrics, baselines, speed and memory. The variant's
+    own training data (``own_splits``, ``own_features``) gives the re-ranker's dev split and the
+    captioning baselines. Writes ``<metrics_dir>/<name>.json`` (the result, with ``extra``), the
+    picture and, for captioners, ``<name>_captions.json``. -> (result, the scored images' paths,
+    (ids, image embeddings) of an alignment variant's test images, else None)."""
+    ecfg, tcfg = section(raw, "evaluate"), section(raw, "train")
+    seed_everything(tcfg.seed)
+    model, cfg, meta = load_trained(model_dir)
+    model.to(device)
+    pixels = meta.get("input") == "pixels"
+    if pixels == (test_features is not None):
+        raise ParamError(f"{name}: " + ("a pixel variant reads images, not --features" if pixels else
+                                        "needs --features (its cached image tokens)"))
+    image_size = section(raw, "features").image_size
+    for folder in {test_features, own_features} - {None}:  # another encoder or size would score silently wrong
+        fmeta = check_features(folder, cfg.image_encoder, f"variants.{name}.image_encoder", image_size)
+        if meta.get("image_size") not in (None, fmeta["image_size"]):
+            raise ParamError(f"variants.{name}: {model_dir} was trained on images resized to {meta['image_size']}, "
+                             f"but {folder} holds {fmeta['image_size']}: train it again")
+    inputs = open_inputs("test", str(test_dir), str(test_features) if test_features else None, cfg)
+    df = read_manifest(test_dir, "test").set_index("image_id").loc[inputs.ids]
+    n = len(inputs.ids) if ecfg.max_images == 0 else min(ecfg.max_images, len(inputs.ids))
+    ids = inputs.ids[:n]
+    captions = [list(c) for c in df["captions"][:n]]
+    paths = list(df["path"][:n])
+    picture = Path(metrics_dir) / "pictures" / f"{name}.png"
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    search_index = None
+    if cfg.family == "alignment":
+        metrics, baselines, speed, generated, image_emb = evaluate_alignment(
+            model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed,
+            dev=dev_split(cfg, str(own_splits), str(own_features) if own_features else None))
+        search_index = (ids, image_emb.cpu().numpy())  # the served search model's images
+    else:  # baselines from the variant's own training split
+        train_feats, train_ids = load_features(own_features, "train")
+        by_id = dict(read_manifest(own_splits, "train")[["image_id", "captions"]].itertuples(index=False))
+        train_caps = [list(by_id[i]) for i in train_ids]
+        metrics, baselines, speed, generated = evaluate_captioning(
+            model, cfg, inputs.array[:n], captions, ids, paths, train_feats, train_caps, device, ecfg.batch_size,
+            ecfg.picture_images, picture, tcfg.seed, ecfg.decodings)
+    speed["peak_memory_mb"] = peak_memory_mb(device)
+    result = {"variant": name, "family": cfg.family, "model": cfg.model, "split": "test", "images": n,
+              "captions": sum(map(len, captions)), "metrics": metrics, **baselines, "speed": speed,
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "params": meta["params"],
+              "selection": meta.get("selection"),  # the dev evaluation that picked this model (train stage)
+              "baselines_from": "the variant's training split" if cfg.family == "captioning" else "this test split",
+              **(extra or {})}
+    if cfg.family == "alignment" and cfg.reranker.top_k:
+        result["rerank_top_k"] = cfg.reranker.top_k
+    if generated is not None:
+        io.write_json(Path(metrics_dir) / f"{name}_captions.json", generated)
+    io.write_json(Path(metrics_dir) / f"{name}.json", result)
+    return result, paths, search_index
+
+
+def mlflow_test_metrics(result: dict) -> dict[str, float]:
+    """A result's numbers under their MLflow names: ``test_<metric>`` (``@`` -> ``_at_``), the speed,
+    and ``test_<decoding>_<metric>`` for each decoding a captioner was scored with."""
+    numeric = {f"test_{k}".replace("@", "_at_"): v for k, v in result["metrics"].items() if isinstance(v, float)}
+    numeric.update({f"test_{k}": v for k, v in result["speed"].items()})
+    for dname, vals in result.get("decodings", {}).items():
+        numeric.update({f"test_{dname}_{k}": v for k, v in vals.items() if isinstance(v, float)})
+    return numeric

@@ -18,15 +18,10 @@ import time
 from pathlib import Path
 
 from .. import io
-from ..data.manifests import read_manifest
-from ..errors import ParamError
-from ..image_features import load_features
-from ..inputs import check_features, open_inputs
-from ..models.trained import load_trained
 from ..params import load_params, section
 from ..promotion import register_and_promote
-from ..runtime import configure_threads, pick_device, seed_everything
-from ..scoring import dev_split, evaluate_alignment, evaluate_captioning, peak_memory_mb
+from ..runtime import configure_threads, pick_device
+from ..scoring import mlflow_test_metrics, score_test_split
 from ..serving import save_models
 from ..tracking import Tracker, file_lock
 
@@ -34,75 +29,28 @@ from ..tracking import Tracker, file_lock
 def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_dir: str, metrics_dir: str) -> None:
     started_at = time.time()  # the run's duration counts the evaluation (after its training)
     raw = load_params(params_path)
-    ecfg, tcfg, tracking = section(raw, "evaluate"), section(raw, "train"), section(raw, "tracking")
-    seed_everything(tcfg.seed)
+    tcfg, tracking = section(raw, "train"), section(raw, "tracking")
     device = pick_device(tcfg.device)
-    model, cfg, meta = load_trained(model_dir)
-    model.to(device)
-    pixels = meta.get("input") == "pixels"
-    if pixels == bool(features_dir):
-        raise ParamError(f"{name}: " + ("a pixel variant reads images, not --features" if pixels else
-                                        "needs --features (its cached image tokens)"))
-    if features_dir:  # features of another encoder or image size would score silently wrong
-        fmeta = check_features(features_dir, cfg.image_encoder, f"variants.{name}.image_encoder",
-                               section(raw, "features").image_size)
-        if meta.get("image_size") not in (None, fmeta["image_size"]):
-            raise ParamError(f"variants.{name}: {model_dir} was trained on images resized to {meta['image_size']}, "
-                             f"but {features_dir} holds {fmeta['image_size']}: train it again")
-    inputs = open_inputs("test", splits_dir, features_dir, cfg)
-    ids = inputs.ids
-    df = read_manifest(splits_dir, "test").set_index("image_id").loc[ids]
-    n = len(ids) if ecfg.max_images == 0 else min(ecfg.max_images, len(ids))
-    ids = ids[:n]
-    captions = [list(c) for c in df["captions"][:n]]
-    paths = list(df["path"][:n])
-    metrics_dir = Path(metrics_dir)
-    picture = metrics_dir / "pictures" / f"{name}.png"
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.family == "alignment":
-        metrics, baselines, speed, generated, image_emb = evaluate_alignment(
-            model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed,
-            dev=dev_split(cfg, splits_dir, features_dir))
-        search_index = (ids, image_emb.cpu().numpy())  # the served search model's images
-    else:
-        search_index = None
-        feats = inputs.array[:n]
-        train_feats, train_ids = load_features(features_dir, "train")
-        by_id = dict(read_manifest(splits_dir, "train")[["image_id", "captions"]].itertuples(index=False))
-        train_caps = [list(by_id[i]) for i in train_ids]
-        metrics, baselines, speed, generated = evaluate_captioning(
-            model, cfg, feats, captions, ids, paths, train_feats, train_caps, device, ecfg.batch_size,
-            ecfg.picture_images, picture, tcfg.seed, ecfg.decodings)
-    speed["peak_memory_mb"] = peak_memory_mb(device)
-    result = {"variant": name, "family": cfg.family, "model": cfg.model, "split": "test", "images": n,
-              "captions": sum(map(len, captions)), "metrics": metrics, **baselines, "speed": speed,
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "params": meta["params"],
-              "selection": meta.get("selection")}  # the dev evaluation that picked this model (train stage)
-    if cfg.family == "alignment" and cfg.reranker.top_k:
-        result["rerank_top_k"] = cfg.reranker.top_k
-    if generated is not None:
-        io.write_json(metrics_dir / f"{name}_captions.json", generated)
-    io.write_json(metrics_dir / f"{name}.json", result)
-
+    features = Path(features_dir) if features_dir else None
+    result, paths, search_index = score_test_split(name, Path(model_dir), raw, Path(splits_dir), features,
+                                                   Path(splits_dir), features, Path(metrics_dir), device)
+    metrics, metrics_dir = result["metrics"], Path(metrics_dir)
+    picture, captions_file = metrics_dir / "pictures" / f"{name}.png", metrics_dir / f"{name}_captions.json"
     read = [splits_dir, features_dir or str(Path(splits_dir).parent / "raw")]  # their DVC hashes: lineage
     # the saved models stay on disk until the tracker closes: a fallback to the local store re-logs them
     with tempfile.TemporaryDirectory(prefix="vlbench-models-") as staging, \
             Tracker(tracking.experiment, name, Path(model_dir) / "run_id", resume=True, inputs=read,
                     context="evaluation", started_at=started_at) as mlflow:
-        numeric = {f"test_{k}".replace("@", "_at_"): v for k, v in metrics.items() if isinstance(v, float)}
-        numeric.update({f"test_{k}": v for k, v in speed.items()})
-        for dname, vals in result.get("decodings", {}).items():  # captioners: every decoding scored
-            numeric.update({f"test_{dname}_{k}": v for k, v in vals.items() if isinstance(v, float)})
-        mlflow.log_metrics(numeric)
+        mlflow.log_metrics(mlflow_test_metrics(result))
         mlflow.log_artifact(str(metrics_dir / f"{name}.json"), "evaluation")
         mlflow.log_artifact(str(picture), "pictures")
-        if generated is not None:
-            mlflow.log_artifact(str(metrics_dir / f"{name}_captions.json"), "evaluation")
+        if result["family"] == "captioning":
+            mlflow.log_artifact(str(captions_file), "evaluation")
         example = paths[0] if paths and Path(paths[0]).is_file() else None
-        for artifact_path, folder in save_models(model_dir, cfg.family, staging, example, search_index).items():
+        for artifact_path, folder in save_models(model_dir, result["family"], staging, example, search_index).items():
             mlflow.log_artifacts(str(folder), artifact_path)
         data = raw.get("data") or {}
-        register(mlflow, name, cfg.family, metrics, str(data.get("name")), str(data.get("root") or ""))
+        register(mlflow, name, result["family"], metrics, str(data.get("name")), str(data.get("root") or ""))
     print(json.dumps({"variant": name, **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in metrics.items()}}))
 
 

@@ -31,16 +31,13 @@ import pandas as pd
 
 from .. import io
 from ..data import layouts
-from ..data.manifests import read_manifest
 from ..data.verify import verify_images
 from ..errors import ParamError
-from ..image_features import encode_paths, load_features
-from ..inputs import check_features, open_inputs
+from ..image_features import encode_paths
 from ..models.registry import create_image_encoder, resolve_image_size
-from ..models.trained import load_trained
 from ..params import TransferDataset, check_label, load_params, section, variant_names
-from ..runtime import configure_threads, pick_device, seed_everything
-from ..scoring import dev_split, evaluate_alignment, evaluate_captioning, peak_memory_mb
+from ..runtime import configure_threads, pick_device
+from ..scoring import mlflow_test_metrics, score_test_split
 from ..tracking import Tracker
 
 
@@ -115,66 +112,6 @@ def prepare(entry: TransferDataset, label: str, raw: dict, encoders: set[str], o
     return report
 
 
-def score(name: str, model_dir: Path, data_dir: Path, raw: dict, features_root: Path, splits_dir: Path,
-          metrics_dir: Path, device) -> dict:
-    """One variant on the prepared test split (``data_dir``): the evaluate stage's result, written
-    to ``metrics_dir``; -> the result."""
-    ecfg, tcfg = section(raw, "evaluate"), section(raw, "train")
-    seed_everything(tcfg.seed)
-    model, cfg, meta = load_trained(model_dir)
-    model.to(device)
-    pixels = meta.get("input") == "pixels"
-    features_dir = None if pixels else data_dir / "features" / cfg.image_encoder
-    if features_dir:
-        fmeta = check_features(features_dir, cfg.image_encoder, f"variants.{name}.image_encoder",
-                               section(raw, "features").image_size)
-        if meta.get("image_size") not in (None, fmeta["image_size"]):
-            raise ParamError(f"variants.{name}: {model_dir} was trained on images resized to {meta['image_size']}, "
-                             f"but features.image_size is now {fmeta['image_size']}: train it again")
-    inputs = open_inputs("test", str(data_dir), str(features_dir) if features_dir else None, cfg)
-    df = read_manifest(data_dir, "test").set_index("image_id").loc[inputs.ids]
-    n = len(inputs.ids) if ecfg.max_images == 0 else min(ecfg.max_images, len(inputs.ids))
-    ids = inputs.ids[:n]
-    captions = [list(c) for c in df["captions"][:n]]
-    paths = list(df["path"][:n])
-    picture = metrics_dir / "pictures" / f"{name}.png"
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.family == "alignment":
-        own = None if pixels else str(features_root / cfg.image_encoder)  # the re-ranker's weight: the variant's own dev split
-        metrics, baselines, speed, generated, _ = evaluate_alignment(
-            model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed,
-            dev=dev_split(cfg, str(splits_dir), own))
-    else:  # baselines from the variant's own training split (in-domain), as documented above
-        own = features_root / cfg.image_encoder
-        check_features(own, cfg.image_encoder, f"variants.{name}.image_encoder", section(raw, "features").image_size)
-        train_feats, train_ids = load_features(own, "train")
-        by_id = dict(read_manifest(splits_dir, "train")[["image_id", "captions"]].itertuples(index=False))
-        train_caps = [list(by_id[i]) for i in train_ids]
-        metrics, baselines, speed, generated = evaluate_captioning(
-            model, cfg, inputs.array[:n], captions, ids, paths, train_feats, train_caps, device, ecfg.batch_size,
-            ecfg.picture_images, picture, tcfg.seed, ecfg.decodings)
-    speed["peak_memory_mb"] = peak_memory_mb(device)
-    result = {"variant": name, "family": cfg.family, "model": cfg.model, "split": "test", "images": n,
-              "captions": sum(map(len, captions)), "metrics": metrics, **baselines, "speed": speed,
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "params": meta["params"],
-              "baselines_from": "in-domain training split" if cfg.family == "captioning" else "this test split"}
-    if cfg.family == "alignment" and cfg.reranker.top_k:
-        result["rerank_top_k"] = cfg.reranker.top_k
-    if generated is not None:
-        io.write_json(metrics_dir / f"{name}_captions.json", generated)
-    io.write_json(metrics_dir / f"{name}.json", result)
-    return result
-
-
-def mlflow_metrics(result: dict, label: str) -> dict[str, float]:
-    """The evaluate stage's MLflow metric names, prefixed ``transfer_<label>_``."""
-    numeric = {f"test_{k}".replace("@", "_at_"): v for k, v in result["metrics"].items() if isinstance(v, float)}
-    numeric.update({f"test_{k}": v for k, v in result["speed"].items()})
-    for dname, vals in result.get("decodings", {}).items():
-        numeric.update({f"test_{dname}_{k}": v for k, v in vals.items() if isinstance(v, float)})
-    return {f"transfer_{label}_{k}": v for k, v in numeric.items()}
-
-
 def run(params_path: str, label: str, out: str, metrics: str, models: str = "models", features: str = "data/features",
         splits: str = "data/splits", variants: list[str] | None = None, name: str | None = None,
         root: str | None = None, test_size: int | None = None) -> None:
@@ -199,14 +136,17 @@ def run(params_path: str, label: str, out: str, metrics: str, models: str = "mod
         report = prepare(entry, label, raw, encoders, data_tmp, device)
         for v in names:
             t0 = time.time()
-            results[v] = score(v, Path(models) / v, data_tmp, raw, Path(features), Path(splits), metrics_tmp, device)
-            results[v]["transfer"] = {k: report[k] for k in ("label", "dataset", "layout", "root", "split_source")}
-            io.write_json(metrics_tmp / f"{v}.json", results[v])
+            pixels = metas[v].get("input") == "pixels"
+            encoder = metas[v]["params"]["image_encoder"]
+            results[v] = score_test_split(
+                v, Path(models) / v, raw, data_tmp, None if pixels else data_tmp / "features" / encoder,
+                Path(splits), None if pixels else Path(features) / encoder, metrics_tmp, device,
+                extra={"transfer": {k: report[k] for k in ("label", "dataset", "layout", "root", "split_source")}})[0]
             started[v] = t0
     for v, result in results.items():  # both folders complete: now the runs
         with Tracker(tracking.experiment, v, Path(models) / v / "run_id", resume=True, context="transfer",
                      started_at=started[v]) as mlflow:
-            mlflow.log_metrics(mlflow_metrics(result, label))
+            mlflow.log_metrics({f"transfer_{label}_{k}": x for k, x in mlflow_test_metrics(result).items()})
             mlflow.log_artifact(str(metrics_dir / f"{v}.json"), f"transfer/{label}")
             mlflow.log_artifact(str(metrics_dir / "pictures" / f"{v}.png"), f"transfer/{label}")
             if (metrics_dir / f"{v}_captions.json").is_file():
