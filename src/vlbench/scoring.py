@@ -250,12 +250,16 @@ def score_test_split(name: str, model_dir: Path, raw: dict, test_dir: Path, test
     if pixels == (test_features is not None):
         raise ParamError(f"{name}: " + ("a pixel variant reads images, not --features" if pixels else
                                         "needs --features (its cached image tokens)"))
-    image_size = section(raw, "features").image_size
-    for folder in {test_features, own_features} - {None}:  # another encoder or size would score silently wrong
-        fmeta = check_features(folder, cfg.image_encoder, f"variants.{name}.image_encoder", image_size)
+
+    def check(folder: Path) -> None:  # features of another encoder or image size would score silently wrong
+        fmeta = check_features(folder, cfg.image_encoder, f"variants.{name}.image_encoder",
+                               section(raw, "features").image_size)
         if meta.get("image_size") not in (None, fmeta["image_size"]):
             raise ParamError(f"variants.{name}: {model_dir} was trained on images resized to {meta['image_size']}, "
                              f"but {folder} holds {fmeta['image_size']}: train it again")
+
+    if test_features is not None:
+        check(test_features)
     inputs = open_inputs("test", str(test_dir), str(test_features) if test_features else None, cfg)
     df = read_manifest(test_dir, "test").set_index("image_id").loc[inputs.ids]
     n = len(inputs.ids) if ecfg.max_images == 0 else min(ecfg.max_images, len(inputs.ids))
@@ -271,6 +275,8 @@ def score_test_split(name: str, model_dir: Path, raw: dict, test_dir: Path, test
             dev=dev_split(cfg, str(own_splits), str(own_features) if own_features else None))
         search_index = (ids, image_emb.cpu().numpy())  # the served search model's images
     else:  # baselines from the variant's own training split
+        if own_features != test_features:
+            check(own_features)
         train_feats, train_ids = load_features(own_features, "train")
         by_id = dict(read_manifest(own_splits, "train")[["image_id", "captions"]].itertuples(index=False))
         train_caps = [list(by_id[i]) for i in train_ids]
