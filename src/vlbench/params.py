@@ -195,11 +195,21 @@ class EvaluateConfig:
     # variant's own decoding (the headline); beam uses the variant's decoding.beam_size
     decodings: list[Literal["greedy", "beam", "greedy_block_trigrams", "beam_block_trigrams"]] = field(
         default_factory=lambda: ["greedy", "beam"])
+    # alignment: also score query-bank normalisation (QB-Norm's inverted softmax: each gallery item's
+    # similarity lowered by how strongly training queries already prefer it), metrics qb_*, beside
+    # the raw numbers: a bank of this many training images and one caption of each (0 = off), each
+    # direction's inverse temperature chosen on the dev split among querybank_betas (or raw scores)
+    querybank_images: int = 0
+    querybank_betas: list[float] = field(default_factory=lambda: [5.0, 10.0, 15.0, 20.0, 30.0])
 
     def check(self, p):
         positive(p, self, "batch_size")
         if self.max_images < 0:
             raise ParamError(f"{p}.max_images: must be >= 0 (0 = all), got {self.max_images}")
+        if self.querybank_images < 0:
+            raise ParamError(f"{p}.querybank_images: must be >= 0 (0 = off), got {self.querybank_images}")
+        if self.querybank_images and (not self.querybank_betas or any(b <= 0 for b in self.querybank_betas)):
+            raise ParamError(f"{p}.querybank_betas: needs one or more positive inverse temperatures, got {self.querybank_betas}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .data.manifests import captions_by_row, read_manifest
 from .errors import ParamError
 from .image_features import load_features
 from .inputs import check_features, open_inputs
-from .metrics.retrieval import chance_recall, retrieval_metrics
+from .metrics.retrieval import both_ways, chance_recall, querybank_scores, retrieval_metrics
 from .models.protocols import AlignmentModel, CaptioningModel
 from .models.reranker import DEV_WEIGHTS, reorder_top_k, top_k_scores
 from .models.trained import load_trained
@@ -75,14 +75,67 @@ def _rerank_order(model: AlignmentModel, weight: float):
     return lambda first, itm: model.scale() * first + weight * itm
 
 
-def dev_split(cfg, splits_dir: str, features_dir: str | None):
-    """(inputs, captions) of the dev split where the variant needs it at scoring time (a re-ranker
-    with ``combine: dev``), else None."""
+def dev_split(cfg, splits_dir: str, features_dir: str | None, querybank: bool = False):
+    """(inputs, captions) of the dev split where an alignment variant needs it at scoring time (a
+    re-ranker with ``combine: dev``, or ``querybank``: query-bank normalisation's beta), else None."""
     reranker = getattr(cfg, "reranker", None)
-    if reranker is None or not reranker.top_k or reranker.combine != "dev":
+    rerank_dev = reranker is not None and reranker.top_k and reranker.combine == "dev"
+    if not (rerank_dev or (querybank and cfg.family == "alignment")):
         return None
     inputs = open_inputs("val", splits_dir, features_dir, cfg)
     return inputs, captions_by_row(splits_dir, "val", inputs.ids)
+
+
+def querybank_split(cfg, splits_dir: str, features_dir: str | None, n_images: int, seed: int):
+    """The query bank: ``n_images`` random training images (all of them when there are fewer) and one
+    random caption of each. -> (inputs, rows, captions)."""
+    inputs = open_inputs("train", splits_dir, features_dir, cfg)
+    rng = random.Random(seed)
+    rows = sorted(rng.sample(range(len(inputs)), min(n_images, len(inputs))))
+    captions = captions_by_row(splits_dir, "train", [inputs.ids[i] for i in rows])
+    return inputs, rows, [rng.choice(c) for c in captions]
+
+
+@torch.no_grad()
+def _embed(model: AlignmentModel, inputs, rows, texts: list[str], device, batch_size: int, desc: str):
+    """Normalised embeddings of the images at ``rows`` of ``inputs`` and of ``texts``."""
+    rows = list(rows)
+    img = torch.cat([model.embed_images(model.image_tokens(inputs.batch(rows[s : s + batch_size]).to(device)))
+                     for s in range(0, len(rows), batch_size)])
+    return img, model.embed_text_features(encode_texts(model, texts, device, desc=desc)[0])
+
+
+def _querybank(sim, bank_img, bank_txt, img, txt, beta: float, queries: str) -> torch.Tensor:
+    """One direction's scores under query-bank normalisation; beta 0 = the raw similarities."""
+    if beta == 0:
+        return sim
+    bank_sim = bank_img @ txt.t() if queries == "i2t" else bank_txt @ img.t()
+    return querybank_scores(sim, bank_sim, beta, queries)
+
+
+@torch.no_grad()
+def querybank_metrics(model: AlignmentModel, img, txt, owner, dev, bank, betas, device, batch_size) -> tuple[dict, dict]:
+    """``evaluate.querybank_images``: the test metrics under query-bank normalisation (``qb_*``, and
+    the inverse temperature of each direction, ``qb_beta_i2t``/``qb_beta_t2i``), each direction's
+    beta chosen on the dev split (``dev``: inputs, captions) by its R@1 among 0 (the raw
+    similarities) and ``betas``; a tie keeps the smaller. ``bank``: ``querybank_split``.
+    -> (metrics, {direction: {beta: dev R@1}})."""
+    bank_img, bank_txt = _embed(model, bank[0], bank[1], bank[2], device, batch_size, "query-bank captions")
+    dev_inputs, dev_captions = dev
+    dev_img, dev_txt = _embed(model, dev_inputs, range(len(dev_captions)), [c for caps in dev_captions for c in caps],
+                              device, batch_size, "dev captions")
+    dev_owner = torch.tensor([i for i, caps in enumerate(dev_captions) for _ in caps], device=device)
+    dev_sim = dev_img @ dev_txt.t()
+    chosen, tried = {}, {}
+    for q in ("i2t", "t2i"):
+        tried[q] = {b: retrieval_metrics(_querybank(dev_sim, bank_img, bank_txt, dev_img, dev_txt, b, q),
+                                         dev_owner)[f"{q}_R@1"] for b in (0.0, *betas)}
+        chosen[q] = max(tried[q], key=lambda b: (tried[q][b], -b))
+    sim = img @ txt.t()
+    metrics = both_ways(_querybank(sim, bank_img, bank_txt, img, txt, chosen["i2t"], "i2t"),
+                        _querybank(sim, bank_img, bank_txt, img, txt, chosen["t2i"], "t2i"), owner)
+    out = {f"qb_{k}": v for k, v in metrics.items()}
+    return out | {"qb_beta_i2t": float(chosen["i2t"]), "qb_beta_t2i": float(chosen["t2i"])}, tried
 
 
 def pick_rerank_weight(sim, scores, owner, order_for) -> tuple[float, dict[float, float]]:
@@ -110,9 +163,10 @@ def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_
 
 @torch.no_grad()
 def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, batch_size, n_pictures, picture_path,
-                       seed, dev=None):
+                       seed, dev=None, bank=None, betas=()):
     """``dev``: (inputs, captions) of the dev split, on which ``reranker.combine: dev`` chooses the
-    re-ranker's weight (``metrics["rerank_weight"]``)."""
+    re-ranker's weight (``metrics["rerank_weight"]``) and query-bank normalisation its betas;
+    ``bank``: the query bank (``querybank_split``), None = no query-bank normalisation."""
     n = len(captions)  # the first n rows of ``inputs``
 
     def image_batches():
@@ -124,9 +178,18 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     img = torch.cat([model.embed_images(model.image_tokens(b)) for b in image_batches()])
     keep_tokens = model.reranker is not None
     pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=keep_tokens, desc="embed captions")
-    sim = img @ model.embed_text_features(pooled).t()
+    txt = model.embed_text_features(pooled)
+    sim = img @ txt.t()
     seconds = time.perf_counter() - t0
     metrics = retrieval_metrics(sim, owner.to(device))
+    if bank is not None:
+        if dev is None:
+            raise ValueError("query-bank normalisation needs the dev split to choose its betas on")
+        qb, tried = querybank_metrics(model, img, txt, owner.to(device), dev, bank, betas, device, batch_size)
+        metrics |= qb
+        for q in ("i2t", "t2i"):
+            print(f"query-bank beta ({q}) chosen on dev: " + ", ".join(
+                f"{'*' if b == qb[f'qb_beta_{q}'] else ''}{b:g}: R@1 {v:.1f}" for b, v in tried[q].items()), file=sys.stderr)
     # one query = one caption (t2i) or one image (i2t); the cost is embedding both sides + one matmul
     speed = {"queries_per_s": len(flat) / seconds, "ms_per_1000_queries": seconds / (len(flat) + n) * 1e6}
     if keep_tokens:
@@ -143,10 +206,7 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
         i2t_sim, t2i_sim = reorder_top_k(sim, _rerank_scores(model, sim, tokens, masks, image_tokens),
                                          _rerank_order(model, weight))
         rerank_seconds = time.perf_counter() - t0
-        i2t = retrieval_metrics(i2t_sim, owner.to(device))
-        t2i = retrieval_metrics(t2i_sim, owner.to(device))
-        reranked = {k: v for k, v in i2t.items() if k.startswith("i2t")} | {k: v for k, v in t2i.items() if k.startswith("t2i")}
-        reranked["rsum"] = sum(v for k, v in reranked.items() if "_R@" in k)
+        reranked = both_ways(i2t_sim, t2i_sim, owner.to(device))
         metrics |= {f"reranked_{k}": v for k, v in reranked.items()}
         speed["rerank_ms_per_1000_queries"] = rerank_seconds / (len(flat) + n) * 1e6
         sim = t2i_sim  # the gallery (caption -> images) shows what the re-ranked model returns
@@ -270,9 +330,12 @@ def score_test_split(name: str, model_dir: Path, raw: dict, test_dir: Path, test
     picture.parent.mkdir(parents=True, exist_ok=True)
     search_index = None
     if cfg.family == "alignment":
+        own_features_dir = str(own_features) if own_features else None
         metrics, baselines, speed, generated, image_emb = evaluate_alignment(
             model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed,
-            dev=dev_split(cfg, str(own_splits), str(own_features) if own_features else None))
+            dev=dev_split(cfg, str(own_splits), own_features_dir, querybank=bool(ecfg.querybank_images)),
+            bank=querybank_split(cfg, str(own_splits), own_features_dir, ecfg.querybank_images, tcfg.seed)
+            if ecfg.querybank_images else None, betas=ecfg.querybank_betas)
         search_index = (ids, image_emb.cpu().numpy())  # the served search model's images
     else:  # baselines from the variant's own training split
         if own_features != test_features:

@@ -52,3 +52,29 @@ def chance_recall(n_images: int, captions_per_image: int, ks=(1, 5, 10)) -> dict
         out[f"i2t_R@{k}"] = (1 - miss) * 100
         out[f"t2i_R@{k}"] = min(k, n_images) / n_images * 100
     return out
+
+
+def querybank_scores(sim: torch.Tensor, bank_sim: torch.Tensor, beta: float, queries: str) -> torch.Tensor:
+    """Query-bank normalisation of ``sim`` [n_images, n_captions] for one direction's queries: QB-Norm's
+    inverted softmax (Bogolin et al., CVPR 2022). Some gallery items ("hubs") are close to many queries
+    and take their R@1; each item's score is lowered by how strongly a bank of other queries already
+    prefers it: ``beta s(q, g) - logsumexp over the bank of beta s(b, g)`` (the log of
+    ``exp(beta s(q, g)) / sum_b exp(beta s(b, g))``).
+
+    ``queries="t2i"``: captions query the images, ``bank_sim`` [n_bank, n_images] holds bank captions
+    against the images; ``"i2t"``: images query the captions, ``bank_sim`` [n_bank, n_captions] holds
+    bank images against the captions. Returns scores in ``sim``'s layout, for that direction only."""
+    if queries not in ("i2t", "t2i"):
+        raise ValueError(f"queries must be 'i2t' or 't2i', got {queries!r}")
+    lse = torch.logsumexp(beta * bank_sim.float(), 0)  # [n_gallery]
+    scores = beta * sim.float()
+    return scores - (lse[:, None] if queries == "t2i" else lse[None, :])
+
+
+def both_ways(i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
+    """Retrieval metrics when the two directions rank by different scores (a re-ranker, query-bank
+    normalisation): the i2t metrics of ``i2t_scores``, the t2i metrics of ``t2i_scores``, their rsum."""
+    out = {k: v for k, v in retrieval_metrics(i2t_scores, caption_image).items() if k.startswith("i2t")}
+    out |= {k: v for k, v in retrieval_metrics(t2i_scores, caption_image).items() if k.startswith("t2i")}
+    out["rsum"] = sum(v for k, v in out.items() if "_R@" in k)
+    return out

@@ -51,6 +51,8 @@ def _against_references(align: list[dict]) -> list[str]:
         entries = [(r["variant"], r["metrics"]["rsum"])]
         if "reranked_rsum" in r["metrics"]:
             entries.append((f"{r['variant']} (re-ranked)", r["metrics"]["reranked_rsum"]))
+        if "qb_rsum" in r["metrics"]:
+            entries.append((f"{r['variant']} (query-bank normalised)", r["metrics"]["qb_rsum"]))
         for name, rsum in entries:
             row = f"| {name} | {rsum:.1f} | {rsum - r['random_projection']['rsum']:+.1f} |"
             if ref:
@@ -168,6 +170,11 @@ def summarise(results: list[dict], transfer: dict[str, dict[str, dict]] | None =
                 how = f" (matching weight {r['metrics']['rerank_weight']:g}, chosen on dev)" if "rerank_weight" in r["metrics"] else ""
                 rows.append((f"{r['variant']} + cross-attention re-rank of top-{k}{how}", reranked,
                              f"+{speed['rerank_ms_per_1000_queries']:.0f} ms", mem, ""))
+            if "qb_rsum" in r["metrics"]:
+                m = r["metrics"]
+                qb = {k.removeprefix("qb_"): v for k, v in m.items() if k.startswith("qb_") and not k.startswith("qb_beta")}
+                rows.append((f"{r['variant']} + query-bank normalisation (beta i2t {m['qb_beta_i2t']:g} / t2i "
+                             f"{m['qb_beta_t2i']:g}, chosen on dev; 0 = raw scores)", qb, "", mem, ""))
         rows.append(("*random projections* (pretrained features, no training)", r0["random_projection"], "", "", ""))
         rows.append(("*chance*", r0["chance"], "", "", ""))
         lines += _table(RETRIEVAL_COLS, rows, speed_title="time / 1000 queries") + [""]
