@@ -196,7 +196,7 @@ def main(argv=None) -> None:
                              "train_seconds": round(seconds, 1), "dev_seconds": round(dev_seconds, 1)})
             print(f"{label}, seed {seed}: dev rsum {best[0]:.1f} at step {best[1]} ({seconds:.0f} s training)", flush=True)
         table.append({"row": label, "runs": per_seed})
-    data = {"args": vars(a), "rows": table}
+    data = {"args": {k: v for k, v in vars(a).items() if k not in ("out", "cache")}, "rows": table}  # where files went is not a setting
     print_table(data)
     Path(a.out).write_text(json.dumps(data, indent=1) + "\n")
     print(f"\nwrote {a.out}", file=sys.stderr)

@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         for p in row["curve"]:
             print(f"| {row['lr']:g} | {p['step']} | {p['CIDEr']:.2f} | {p['CIDEr'] - start['CIDEr']:+.2f} | "
                   f"{p['BLEU-4']:.2f} | {p['METEOR']:.2f} | {p['reward']:.2f} |")
-    Path(a.out).write_text(json.dumps({"args": vars(a), "start": start, "rows": rows}, indent=1) + "\n")
+    Path(a.out).write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k != "out"}, "start": start, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {a.out}", file=sys.stderr)
 
 
