@@ -50,11 +50,12 @@ def random_projection_baseline(image_pooled: torch.Tensor, text_pooled: torch.Te
     return retrieval_metrics(img @ txt.t(), owner)
 
 
-def _image_batches(inputs, n: int, batch_size: int, device):
-    """The first n rows of ``inputs`` (cached token grids, or pixels for a model that holds its image
+def _image_batches(inputs, rows, batch_size: int, device):
+    """The rows ``rows`` of ``inputs`` (cached token grids, or pixels for a model that holds its image
     encoder), in batches on ``device``."""
-    for s in range(0, n, batch_size):
-        yield inputs.batch(range(s, min(s + batch_size, n))).to(device)
+    rows = list(rows)
+    for s in range(0, len(rows), batch_size):
+        yield inputs.batch(rows[s : s + batch_size]).to(device)
 
 
 def _rerank_scores(model: AlignmentModel, sim, tokens, masks, image_tokens) -> dict:
@@ -80,7 +81,7 @@ def dev_split(cfg, splits_dir: str, features_dir: str | None, querybank: bool = 
     re-ranker with ``combine: dev``, or ``querybank``: query-bank normalisation's beta), else None."""
     reranker = getattr(cfg, "reranker", None)
     rerank_dev = reranker is not None and reranker.top_k and reranker.combine == "dev"
-    if not (rerank_dev or (querybank and cfg.family == "alignment")):
+    if not (rerank_dev or querybank):
         return None
     inputs = open_inputs("val", splits_dir, features_dir, cfg)
     return inputs, captions_by_row(splits_dir, "val", inputs.ids)
@@ -99,9 +100,7 @@ def querybank_split(cfg, splits_dir: str, features_dir: str | None, n_images: in
 @torch.no_grad()
 def _embed(model: AlignmentModel, inputs, rows, texts: list[str], device, batch_size: int, desc: str):
     """Normalised embeddings of the images at ``rows`` of ``inputs`` and of ``texts``."""
-    rows = list(rows)
-    img = torch.cat([model.embed_images(model.image_tokens(inputs.batch(rows[s : s + batch_size]).to(device)))
-                     for s in range(0, len(rows), batch_size)])
+    img = torch.cat([model.embed_images(model.image_tokens(b)) for b in _image_batches(inputs, rows, batch_size, device)])
     return img, model.embed_text_features(encode_texts(model, texts, device, desc=desc)[0])
 
 
@@ -154,7 +153,7 @@ def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_
     """``reranker.combine: dev``: ``pick_rerank_weight`` on the dev split (``inputs``, ``captions``: its rows)."""
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], device=device)
-    image_tokens = torch.cat([model.image_tokens(b) for b in _image_batches(inputs, len(captions), batch_size, device)])
+    image_tokens = torch.cat([model.image_tokens(b) for b in _image_batches(inputs, range(len(captions)), batch_size, device)])
     pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=True, desc="dev captions")
     sim = model.embed_images(image_tokens) @ model.embed_text_features(pooled).t()
     scores = _rerank_scores(model, sim, tokens, masks, image_tokens)
@@ -170,7 +169,7 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     n = len(captions)  # the first n rows of ``inputs``
 
     def image_batches():
-        return _image_batches(inputs, n, batch_size, device)
+        return _image_batches(inputs, range(n), batch_size, device)
 
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
