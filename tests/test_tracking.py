@@ -98,6 +98,29 @@ def test_unreachable_store_falls_back_to_local_sqlite(prepared):
     assert "gridcap" in [x.info.run_name for x in client.search_runs([exp.experiment_id])]
 
 
+def test_evaluating_into_another_store_leaves_the_train_stages_run_id_alone(prepared, tmp_path):
+    """models/<v>/run_id is a DVC output of the train stage: an evaluation logged to a store that
+    lacks the training run gets a run there, and the file keeps the training run's id."""
+    import mlflow
+
+    r = train(prepared, "clip", f"sqlite:///{prepared / 'mlflow.db'}")
+    assert r.returncode == 0, r.stderr
+    run_id_file = prepared / "models/clip/run_id"
+    trained = run_id_file.read_bytes()
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    env = env_with_venv()
+    env["MLFLOW_TRACKING_URI"] = other
+    r = subprocess.run([sys.executable, "-m", "vlbench", "evaluate", "--variant", "clip", "--features",
+                        "data/features/efficientnet_lite0"], cwd=prepared, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert run_id_file.read_bytes() == trained
+    client = mlflow.MlflowClient(tracking_uri=other)
+    runs = client.search_runs([client.get_experiment_by_name("vlbench-test").experiment_id])
+    assert [x.info.run_name for x in runs] == ["clip"] and "test_t2i_R_at_1" in runs[0].data.metrics
+    said = [line for line in r.stderr.splitlines() if "keeps the training run" in line]
+    assert len(said) == 1 and runs[0].info.run_id in said[0] and trained.decode().strip() in said[0]
+
+
 def test_server_stopped_mid_run_loses_nothing(prepared, tmp_path):
     """The store dies while training: one message, the run moves to the local store with its
     whole history replayed, and training finishes."""

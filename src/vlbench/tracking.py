@@ -4,7 +4,8 @@ The train stage opens the run (named after the variant), writes its id to
 ``models/<variant>/run_id`` and ends it (FINISHED); the evaluate stage reopens that same run and
 ends it again, so params, the training curves, the checkpoint, test metrics and pictures of a
 variant all sit in one run, whose duration counts training plus evaluation only (not the time
-other stages ran in between).
+other stages ran in between). Only the train stage writes ``run_id``: an evaluation logged to a
+store that lacks the training run gets a run of its own there and leaves the file alone.
 Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the project root
 (``io.project_root``: the repository DVC runs, also from a queued experiment's temporary copy).
 
@@ -240,18 +241,21 @@ class Tracker:
 
     ``inputs``: the stage's DVC-tracked deps to log as dataset inputs with ``context``
     (``dvc_datasets``). ``started_at``: when the stage's work began (``time.time()``), if before
-    the tracker opens: a reopened run's duration then counts it.
+    the tracker opens: a reopened run's duration then counts it. ``owns_run_id``: whether this
+    stage writes ``run_id_file``. Only training does: the file is a DVC output of the train stage,
+    so a later stage that has to start a run of its own (the trained run is not in this store)
+    says so instead of rewriting it, which would make DVC see the train stage as changed.
     """
 
     def __init__(self, experiment: str, variant: str, run_id_file: Path, resume: bool, inputs=(),
-                 context: str = "training", started_at: float | None = None):
+                 context: str = "training", started_at: float | None = None, owns_run_id: bool = True):
         # MLflow's HTTP client retries a dead server for minutes by default; give up within seconds
         # and fall back instead (the environment still overrides these).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.experiment, self.variant = experiment, variant
-        self.run_id_file, self.resume = Path(run_id_file), resume
+        self.run_id_file, self.resume, self.owns_run_id = Path(run_id_file), resume, owns_run_id
         self.history: list[tuple[str, tuple, dict]] = []
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
         self.client = self.run_id = None
@@ -426,4 +430,11 @@ class Tracker:
     def _write_run_id(self) -> None:
         from . import io
 
-        io.write_text(self.run_id_file, self.run_id)
+        if self.owns_run_id:
+            io.write_text(self.run_id_file, self.run_id)
+            return
+        trained = self.run_id_file.read_text().strip() if self.run_id_file.is_file() else None
+        if trained != self.run_id:
+            kept = f"{self.run_id_file} keeps the training run {trained}" if trained else f"no {self.run_id_file}"
+            print(f"vlbench: {self.context} of {self.variant} logged to MLflow run {self.run_id} in {self.uri} "
+                  f"({kept})", file=sys.stderr)

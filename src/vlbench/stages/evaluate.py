@@ -40,7 +40,7 @@ def run(params_path: str, name: str, model_dir: str, features_dir: str, splits_d
     # the saved models stay on disk until the tracker closes: a fallback to the local store re-logs them
     with tempfile.TemporaryDirectory(prefix="vlbench-models-") as staging, \
             Tracker(tracking.experiment, name, Path(model_dir) / "run_id", resume=True, inputs=read,
-                    context="evaluation", started_at=started_at) as mlflow:
+                    context="evaluation", started_at=started_at, owns_run_id=False) as mlflow:
         mlflow.log_metrics(mlflow_test_metrics(result))
         mlflow.log_artifact(str(metrics_dir / f"{name}.json"), "evaluation")
         mlflow.log_artifact(str(picture), "pictures")

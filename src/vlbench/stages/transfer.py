@@ -145,7 +145,7 @@ def run(params_path: str, label: str, out: str, metrics: str, models: str = "mod
             started[v] = t0
     for v, result in results.items():  # both folders complete: now the runs
         with Tracker(tracking.experiment, v, Path(models) / v / "run_id", resume=True, context="transfer",
-                     started_at=started[v]) as mlflow:
+                     started_at=started[v], owns_run_id=False) as mlflow:
             mlflow.log_metrics({f"transfer_{label}_{k}": x for k, x in mlflow_test_metrics(result).items()})
             mlflow.log_artifact(str(metrics_dir / f"{v}.json"), f"transfer/{label}")
             mlflow.log_artifact(str(metrics_dir / "pictures" / f"{v}.png"), f"transfer/{label}")
