@@ -2,7 +2,9 @@
 shared with the transfer stage (the same numbers on another dataset's test split).
 
 Alignment: recall@1/5/10 both ways (captions grouped per image), median/mean rank, next to chance and
-random projections of the pretrained features. Captioning: pycocoevalcap metrics under each decoding,
+random projections of the pretrained features; optionally the same recall after query-bank
+normalisation (a bank of training images and captions, each direction's inverse temperature chosen on
+the dev split; ``evaluate.querybank_images``). Captioning: pycocoevalcap metrics under each decoding,
 next to chance (a random training caption) and the nearest training image's caption.
 """
 from __future__ import annotations
