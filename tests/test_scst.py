@@ -142,21 +142,27 @@ def test_reward_is_cider_d_of_each_sample_against_its_image_references():
 # ------------------------------------------------------------------------------ sampling
 
 
-def teacher_forced_grid(model, grid, k, ids):
-    """Summed log-probabilities of the sampled ids by one teacher-forced pass (renormalised without
-    <pad>/<bos>, as sampled), up to and including each row's EOS."""
-    from vlbench.models.tokenizers import BOS, EOS, PAD
+def stepwise_grid_logprobs(model, grid, k, ids):
+    """Summed log-probabilities of the sampled ids, one prefix at a time through the cache-free
+    decoder state (renormalised without <pad>/<bos>, as sampled), up to and including each row's EOS:
+    a path independent of both the KV cache the samples come from and the teacher-forced pass
+    their gradients come from."""
+    from vlbench.models.decoding import FullDecoding
+    from vlbench.models.tokenizers import BOS, EOS
 
-    memory = model.encode(grid).repeat_interleave(k, 0)
-    full = torch.cat([torch.full((len(ids), 1), BOS), ids], 1)
-    logp = model.logits(memory, full[:, :-1]).float()
-    logp[..., [PAD, BOS]] = float("-inf")
-    logp = logp.log_softmax(-1).gather(2, ids[:, :, None]).squeeze(2)
+    state = FullDecoding(model, model.encode(grid).repeat_interleave(k, 0))
+    seq = torch.full((len(ids), 1), BOS)
+    steps = []
+    for t in range(ids.shape[1]):
+        logp = state.logp(seq).float()
+        steps.append((logp - logp.logsumexp(-1, keepdim=True)).gather(1, ids[:, t : t + 1]).squeeze(1))
+        seq = torch.cat([seq, ids[:, t : t + 1]], 1)
+    logp = torch.stack(steps, 1)
     keep = torch.ones_like(ids, dtype=torch.bool)
     for r, row in enumerate(ids.tolist()):
         if EOS in row:
             keep[r, row.index(EOS) + 1 :] = False
-    return (logp * keep).sum(1)
+    return (logp * keep).sum(1), keep.sum(1)
 
 
 def test_grid_transformer_samples_carry_gradients_and_their_true_logprobs(trained_grid_captioner):
@@ -168,7 +174,9 @@ def test_grid_transformer_samples_carry_gradients_and_their_true_logprobs(traine
     assert s.texts == [model.vocab.decode(r) for r in s.ids.tolist()]
     assert len(set(s.texts)) > 1  # real samples, not one argmax
     with torch.no_grad():
-        assert torch.allclose(s.logprobs, teacher_forced_grid(model, grid, 3, s.ids), atol=1e-4)
+        reference, lengths = stepwise_grid_logprobs(model, grid, 3, s.ids)
+        assert torch.allclose(s.logprobs, reference, atol=1e-4)
+        assert torch.equal(s.lengths, lengths)
     model.zero_grad()
     s.logprobs.sum().backward()
     assert model.in_proj[0].weight.grad.abs().sum() > 0  # gradients reach the image side
