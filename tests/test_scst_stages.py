@@ -87,6 +87,7 @@ def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):
     r = train(prepared, "killed")
     assert r.returncode == 0, r.stderr
     assert "resuming SCST from step 2/4" in r.stderr
+    assert "SCST gridcap: 100%" in r.stderr and f"{SCST_STEPS}/{SCST_STEPS}" in r.stderr  # its progress bar
     a, b = load_file(str(prepared / "models/killed/model.safetensors")), load_file(str(straight / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (prepared / "metrics/curves/killed.csv").read_text() == (prepared / "metrics/curves/straight.csv").read_text()

@@ -37,6 +37,7 @@ import time
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from .metrics.cider_d import CiderD
 from .runtime import fault_point
@@ -90,11 +91,13 @@ class ScstTrainer:
 
 def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, first_step: int, seed: int,
              state: dict | None, save: Callable[[dict], None], stop: dict, checkpoint_every: int,
-             evaluate: Callable[[int], None], selection, eval_every: int, amp=None, scaler=None) -> list[dict]:
+             evaluate: Callable[[int], None], selection, eval_every: int, amp=None, scaler=None,
+             name: str = "") -> list[dict]:
     """The SCST phase of the train stage, on one process. ``first_step``: the step number of the
     first SCST step in logs and the curve; ``state``: the loaded resumable checkpoint (or None);
     ``save(scst_state)``: writes the checkpoint with it; ``evaluate(step)``: the train stage's dev
-    evaluation, which updates ``selection``. -> the curve rows of the SCST steps."""
+    evaluation, which updates ``selection``; ``name``: the variant, for the progress bar.
+    -> the curve rows of the SCST steps."""
     scfg = cfg.scst
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=cfg.optim.weight_decay)
@@ -120,6 +123,7 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
                 "generator": generator.get_state(), "rows": rows, "first_step": first_step}
 
     t0 = time.perf_counter()
+    bar = tqdm(desc=f"SCST {name}".strip(), unit="step", initial=begin, total=scfg.steps)
     for s in range(begin, scfg.steps):
         idx = sorted(rng.sample(range(len(inputs)), min(scfg.batch_size, len(inputs))))
         out = trainer.step(inputs.batch(idx).to(device), [captions[i] for i in idx])
@@ -129,6 +133,8 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
                          "scst_baseline": round(baseline, 5)})
             mlflow.log_metrics({"scst_reward": reward, "scst_baseline": baseline, "scst_loss": out["loss"]},
                                step=first_step + s)
+            bar.set_postfix(reward=f"{reward:.1f}")
+        bar.update()
         done = s + 1
         fault_point(first_step + done)
         if (eval_every and done % eval_every == 0) or done == scfg.steps:
@@ -146,5 +152,6 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
             raise SystemExit(128 + stop["signal"])
         if early:
             break
+    bar.close()
     mlflow.log_metrics({"scst_seconds": time.perf_counter() - t0}, step=first_step + scfg.steps)
     return rows

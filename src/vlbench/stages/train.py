@@ -280,7 +280,7 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                                  state=state, amp=amp, scaler=scaler,
                                  save=lambda s: save_checkpoint(cfg.optim.steps, scst=s), stop=stop,
                                  checkpoint_every=tcfg.checkpoint_every, evaluate=validate, selection=selection,
-                                 eval_every=eval_every)
+                                 eval_every=eval_every, name=name)
             model.load_state_dict(selection.weights, strict=False)  # the best dev evaluation of either phase
         selected = selection.summary(done, cfg.optim.steps)
         save_trained(model, out_dir, name, variant_params(raw, name), {**extra, "selection": selected})
