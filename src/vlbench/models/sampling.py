@@ -60,9 +60,9 @@ def sample_grid_transformer(model, grid: torch.Tensor, k: int, max_len: int,
                             generator: torch.Generator | None = None) -> Samples:
     """The grid transformer: captions sampled on its KV cache without a graph, then their
     log-probabilities by one teacher-forced pass with gradients (eval mode: the same maths as the
-    cache, so the same numbers). About 1.3x faster per SCST step than back-propagating through the
-    token-by-token cache (benchmarks/scst_step.py). ``max_len`` counts BOS and EOS, as the
-    model's ``max_len`` does (capped by it)."""
+    cache; equal in fp32, within bf16 rounding under autocast). About 1.3x faster per SCST step than
+    back-propagating through the token-by-token cache (benchmarks/scst_step.py). ``max_len``
+    counts BOS and EOS, as the model's ``max_len`` does (capped by it)."""
     from .decoding import CachedDecoding
     from .tokenizers import BOS, EOS, PAD
 
