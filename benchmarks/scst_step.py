@@ -27,21 +27,9 @@ import torch
 
 def through_the_cache(model, grid, k, max_len, generator):
     """The baseline: sampling with gradients through every cached decoding step."""
-    from vlbench.models.decoding import CachedDecoding
-    from vlbench.models.sampling import Samples, ancestral_sample
-    from vlbench.models.tokenizers import BOS, EOS
+    from vlbench.models.sampling import Samples, sample_on_cache
 
-    memory = model.encode(grid).repeat_interleave(k, 0)
-    state = CachedDecoding(model, memory)
-    seq = torch.full((len(memory), 1), BOS, dtype=torch.long)
-
-    def next_logp(tok):
-        nonlocal seq
-        if tok is not None:
-            seq = torch.cat([seq, tok[:, None]], 1)
-        return state.logp(seq)
-
-    ids, logprobs, lengths = ancestral_sample(next_logp, EOS, min(max_len, model.cfg.max_len) - 1, generator)
+    ids, logprobs, lengths = sample_on_cache(model, model.encode(grid).repeat_interleave(k, 0), max_len, generator)
     return Samples(ids, [model.vocab.decode(r) for r in ids.tolist()], logprobs, lengths)
 
 
