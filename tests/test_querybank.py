@@ -91,8 +91,10 @@ def _naive_r1(img, txt, owner, bank, beta, direction) -> float:
     return 100 * sum(hits) / len(hits)
 
 
-def test_evaluate_reports_querybank_numbers_with_betas_chosen_on_dev(querybank_project):
-    d = querybank_project
+def _embedded(d):
+    """The evaluate stage's metrics of ``clip``, and its saved model's embeddings of the query bank
+    and of the dev ("val") and test splits: (metrics, (bank images, bank captions), {split: (images,
+    captions, caption -> image row)}, {split: (image ids, captions)})."""
     from vlbench.data.manifests import captions_by_row
     from vlbench.inputs import open_inputs
     from vlbench.models.trained import load_trained
@@ -112,12 +114,19 @@ def test_evaluate_reports_querybank_numbers_with_betas_chosen_on_dev(querybank_p
     bank_inputs, bank_rows, bank_texts = querybank_split(cfg, splits, feats, 20, section(load_params(d / "params.yaml"), "train").seed)
     assert len(bank_rows) == len(bank_texts) == 20
     bank = embed(bank_inputs, bank_rows, bank_texts)
-    split = {}
+    split, listing = {}, {}
     for name in ("val", "test"):
         inputs = open_inputs(name, splits, feats, cfg)
         caps = captions_by_row(splits, name, inputs.ids)
-        img, txt = embed(inputs, range(len(caps)), [c for cs in caps for c in cs])
+        listing[name] = list(inputs.ids), [c for cs in caps for c in cs]
+        img, txt = embed(inputs, range(len(caps)), listing[name][1])
         split[name] = img, txt, [i for i, cs in enumerate(caps) for _ in cs]
+    return m, bank, split, listing
+
+
+def test_evaluate_reports_querybank_numbers_with_betas_chosen_on_dev(querybank_project):
+    d = querybank_project
+    m, bank, split, _ = _embedded(d)
     for direction in ("i2t", "t2i"):
         dev = {b: _naive_r1(*split["val"], bank, b, direction) for b in [0.0, *BETAS]}
         best = max(dev.values())
@@ -138,3 +147,34 @@ def test_querybank_params_are_checked():
                       ({"querybank_images": 10, "querybank_betas": [0.0]}, "querybank_betas")):
         with pytest.raises(ParamError, match=says):
             section({"evaluate": bad}, "evaluate")
+
+
+def test_served_search_ranks_as_the_t2i_metrics(querybank_project, monkeypatch):
+    """The logged search model ranks the test images for a caption by the score the evaluation's t2i
+    numbers used (query-bank normalised where dev chose it): its R@1 over every test caption is
+    ``qb_t2i_R@1``, and each hit's score is that score written out."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    d = querybank_project
+    m, bank, split, listing = _embedded(d)
+    img, txt, owner = split["test"]
+    ids, captions = listing["test"]
+    beta = m["qb_beta_t2i"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{d / 'mlflow.db'}")
+    run_id = (d / "models/clip/run_id").read_text().strip()
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/search_model")
+    out = served.predict(pd.DataFrame({"text": captions}), params={"top_k": len(ids)})
+    hits = []
+    for j, (got_ids, got_scores) in enumerate(zip(out["image_ids"], out["scores"])):
+        assert sorted(got_ids) == sorted(ids)
+        for image_id, got in zip(got_ids, got_scores):
+            i = ids.index(image_id)
+            s = float(img[i] @ txt[j])
+            want = s if beta == 0 else beta * s - math.log(sum(math.exp(beta * float(b @ img[i])) for b in bank[1]))
+            assert got == pytest.approx(want, abs=1e-4)
+        hits.append(got_ids[0] == ids[owner[j]])
+    assert 100 * sum(hits) / len(hits) == pytest.approx(m["qb_t2i_R@1"])
+    index = np.load(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/search_model/artifacts/index.npz"))
+    assert float(index["qb_beta"]) == beta if beta else "qb_beta" not in index

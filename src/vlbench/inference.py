@@ -174,9 +174,15 @@ class Searcher(_Trained):
                 chunks.append(self.embed_images([read_image(p, self.image_size) for p in paths[s : s + batch_size]]))
         self.use_index(torch.cat(chunks), paths)
 
-    def use_index(self, image_emb, names: list[str]) -> None:
-        """Search over these image embeddings (e.g. a served model's stored index), named ``names``."""
+    def use_index(self, image_emb, names: list[str], qb_beta: float = 0.0, qb_offsets=None) -> None:
+        """Search over these image embeddings (e.g. a served model's stored index), named ``names``.
+        ``qb_beta`` > 0: rank by query-bank normalisation, ``qb_beta`` x cosine - ``qb_offsets`` (one
+        per image: ``vlbench.scoring.search_offsets``); 0: by cosine."""
         self.image_emb, self.paths = torch.as_tensor(image_emb, dtype=torch.float32).to(self.device), list(names)
+        if qb_beta and (qb_offsets is None or len(qb_offsets) != len(self.paths)):
+            raise ValueError(f"query-bank normalisation needs one offset per image ({len(self.paths)})")
+        self.qb_beta = float(qb_beta)
+        self.qb_offsets = torch.as_tensor(qb_offsets, dtype=torch.float32).to(self.device) if qb_beta else None
 
     @torch.no_grad()
     def embed_images(self, images: list) -> torch.Tensor:
@@ -193,6 +199,9 @@ class Searcher(_Trained):
 
     @torch.no_grad()
     def search(self, query: str, top: int = 5) -> list[tuple[str, float]]:
-        scores = (self.image_emb @ self.embed_texts([query])[0]).cpu()
+        scores = self.image_emb @ self.embed_texts([query])[0]
+        if self.qb_beta:
+            scores = self.qb_beta * scores - self.qb_offsets
+        scores = scores.cpu()
         best = scores.topk(min(top, len(scores)))
         return [(self.paths[i], s.item()) for s, i in zip(best.values, best.indices.tolist())]

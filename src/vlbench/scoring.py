@@ -120,7 +120,8 @@ def querybank_metrics(model: AlignmentModel, img, txt, owner, dev, bank, betas, 
     the inverse temperature of each direction, ``qb_beta_i2t``/``qb_beta_t2i``), each direction's
     beta chosen on the dev split (``dev``: inputs, captions) by its R@1 among 0 (the raw
     similarities) and ``betas``; a tie keeps the smaller. ``bank``: ``querybank_split``.
-    -> (metrics, {direction: {beta: dev R@1}})."""
+    -> (metrics, {direction: {beta: dev R@1}}, the t2i normalisation of each test image: its
+    logsumexp over the bank captions, which text search subtracts (``search_offsets``))."""
     bank_img, bank_txt = _embed(model, bank[0], bank[1], bank[2], device, batch_size, "query-bank captions")
     dev_inputs, dev_captions = dev
     dev_img, dev_txt = _embed(model, dev_inputs, range(len(dev_captions)), [c for caps in dev_captions for c in caps],
@@ -136,7 +137,17 @@ def querybank_metrics(model: AlignmentModel, img, txt, owner, dev, bank, betas, 
     metrics = both_ways(_querybank(sim, bank_img, bank_txt, img, txt, chosen["i2t"], "i2t"),
                         _querybank(sim, bank_img, bank_txt, img, txt, chosen["t2i"], "t2i"), owner)
     out = {f"qb_{k}": v for k, v in metrics.items()}
-    return out | {"qb_beta_i2t": float(chosen["i2t"]), "qb_beta_t2i": float(chosen["t2i"])}, tried
+    offsets = search_offsets(bank_txt, img, chosen["t2i"])
+    return out | {"qb_beta_i2t": float(chosen["i2t"]), "qb_beta_t2i": float(chosen["t2i"])}, tried, offsets
+
+
+def search_offsets(bank_txt: torch.Tensor, img: torch.Tensor, beta: float) -> torch.Tensor:
+    """What query-bank normalisation subtracts from ``beta`` x a text query's cosine with each image
+    (``querybank_scores``, t2i): it depends on the images and the bank only, so a search index stores
+    it beside the image embeddings. Zeros for beta 0 (the raw similarities)."""
+    if beta == 0:
+        return torch.zeros(len(img), device=img.device)
+    return torch.logsumexp(beta * (bank_txt @ img.t()).float(), 0)
 
 
 def pick_rerank_weight(sim, scores, owner, order_for) -> tuple[float, dict[float, float]]:
@@ -167,7 +178,8 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
                        seed, dev=None, bank=None, betas=()):
     """``dev``: (inputs, captions) of the dev split, on which ``reranker.combine: dev`` chooses the
     re-ranker's weight (``metrics["rerank_weight"]``) and query-bank normalisation its betas;
-    ``bank``: the query bank (``querybank_split``), None = no query-bank normalisation."""
+    ``bank``: the query bank (``querybank_split``), None = no query-bank normalisation.
+    -> (metrics, baselines, speed, None, search index of the test images: see ``score_test_split``)."""
     n = len(captions)  # the first n rows of ``inputs``
 
     def image_batches():
@@ -183,11 +195,13 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     sim = img @ txt.t()
     seconds = time.perf_counter() - t0
     metrics = retrieval_metrics(sim, owner.to(device))
+    search_index = {"embeddings": img.cpu().numpy()}  # the served text search ranks as the t2i metrics do
     if bank is not None:
         if dev is None:
             raise ValueError("query-bank normalisation needs the dev split to choose its betas on")
-        qb, tried = querybank_metrics(model, img, txt, owner.to(device), dev, bank, betas, device, batch_size)
+        qb, tried, offsets = querybank_metrics(model, img, txt, owner.to(device), dev, bank, betas, device, batch_size)
         metrics |= qb
+        search_index |= {"qb_beta": qb["qb_beta_t2i"], "qb_offsets": offsets.cpu().numpy()}
         for q in ("i2t", "t2i"):
             print(f"query-bank beta ({q}) chosen on dev: " + ", ".join(
                 f"{'*' if b == qb[f'qb_beta_{q}'] else ''}{b:g}: R@1 {v:.1f}" for b, v in tried[q].items()), file=sys.stderr)
@@ -242,7 +256,7 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     from .pictures import retrieval_gallery
 
     retrieval_gallery([flat[j] for j in picks], results, picture_path)
-    return metrics, {"chance": chance, "random_projection": random_proj}, speed, None, img  # img: the test embeddings (search index)
+    return metrics, {"chance": chance, "random_projection": random_proj}, speed, None, search_index
 
 
 def nearest_neighbour_captions(test_feats, train_feats, train_captions: list[list[str]], chunk: int = 1024) -> list[str]:
@@ -302,7 +316,8 @@ def score_test_split(name: str, model_dir: Path, raw: dict, test_dir: Path, test
     own training data (``own_splits``, ``own_features``) gives the re-ranker's dev split and the
     captioning baselines. Writes ``<metrics_dir>/<name>.json`` (the result, with ``extra``), the
     picture and, for captioners, ``<name>_captions.json``. -> (result, the scored images' paths,
-    (ids, image embeddings) of an alignment variant's test images, else None)."""
+    an alignment variant's search index of its test images, else None: ``image_ids``, ``embeddings``
+    and, under query-bank normalisation, ``qb_beta`` and ``qb_offsets`` (``search_offsets``))."""
     ecfg, tcfg = section(raw, "evaluate"), section(raw, "train")
     seed_everything(tcfg.seed)
     model, cfg, meta = load_trained(model_dir)
@@ -332,12 +347,12 @@ def score_test_split(name: str, model_dir: Path, raw: dict, test_dir: Path, test
     search_index = None
     if cfg.family == "alignment":
         own_features_dir = str(own_features) if own_features else None
-        metrics, baselines, speed, generated, image_emb = evaluate_alignment(
+        metrics, baselines, speed, generated, search_index = evaluate_alignment(
             model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed,
             dev=dev_split(cfg, str(own_splits), own_features_dir, querybank=bool(ecfg.querybank_images)),
             bank=querybank_split(cfg, str(own_splits), own_features_dir, ecfg.querybank_images, tcfg.seed)
             if ecfg.querybank_images else None, betas=ecfg.querybank_betas)
-        search_index = (ids, image_emb.cpu().numpy())  # the served search model's images
+        search_index["image_ids"] = [str(i) for i in ids]  # the served search model's images
     else:  # baselines from the variant's own training split
         if own_features != test_features:
             check(own_features)

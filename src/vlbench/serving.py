@@ -7,8 +7,11 @@ The evaluate stage saves them here and logs them into the variant's run:
   options do (0 = not given: the variant's own decoding);
 - alignment variants, artifact ``model``: columns ``text`` and/or ``image`` -> ``text_embedding``,
   ``image_embedding`` (L2-normalised; None where that column was empty); and ``search_model``: column
-  ``text`` -> ``image_ids``, ``scores``, the ``top_k`` (param, default 5) nearest test images, from an
-  index of the evaluated test images shipped with it.
+  ``text`` -> ``image_ids``, ``scores``, the ``top_k`` (param, default 5) best test images, from an
+  index of the evaluated test images shipped with it. They rank as the evaluation's t2i metrics do:
+  by cosine, or, where the evaluation chose query-bank normalisation on dev (``qb_beta_t2i`` > 0),
+  by its normalised score ``beta * cosine - offset(image)`` (``vlbench.scoring.search_offsets``),
+  which is then what ``scores`` holds.
 
 Each ships the trained model folder (config.json + model.safetensors, artifact ``trained``) and runs
 it through ``vlbench.inference``, so a served caption is the ``vlbench caption`` one. The models
@@ -160,7 +163,8 @@ class SearchModel(_Model):
 
         self.searcher = _load(context, Searcher)
         index = np.load(context.artifacts["index"])
-        self.searcher.use_index(index["embeddings"], index["image_ids"].tolist())
+        qb = {"qb_beta": float(index["qb_beta"]), "qb_offsets": index["qb_offsets"]} if "qb_beta" in index else {}
+        self.searcher.use_index(index["embeddings"], index["image_ids"].tolist(), **qb)
 
     def predict(self, context, model_input, params=None):
         top = int((params or {}).get("top_k", 5))
@@ -197,11 +201,12 @@ def _quiet_mlflow():
 
 
 def save_models(model_dir: str | Path, family: str, dest: str | Path, example_image: str | None = None,
-                index: tuple[list[str], np.ndarray] | None = None) -> dict[str, Path]:
+                index: dict | None = None) -> dict[str, Path]:
     """Save the variant's pyfunc models under ``dest`` -> {artifact path: folder} to log.
 
     ``example_image``: an image file for the input example (none without it). ``index``: the search
-    model's image ids and their embeddings (alignment variants; no search model without it).
+    model's images, ``image_ids`` and ``embeddings``, with ``qb_beta`` and ``qb_offsets`` where query-bank
+    normalisation ranks them (``vlbench.scoring.score_test_split``; no search model without it).
     The explicit signatures keep MLflow from running the model on the example to infer one."""
     dest, trained = Path(dest), {"trained": str(model_dir)}
     image = [encode_image_file(example_image)] if example_image else None
@@ -223,9 +228,12 @@ def _save(dest: Path, family: str, image, index, trained: dict, common: dict) ->
                              input_example=example, **common)
     saved["model"] = dest / "model"
     if index is not None:
-        ids, embeddings = index
         dest.mkdir(parents=True, exist_ok=True)
-        np.savez(dest / "index.npz", image_ids=np.array([str(i) for i in ids]), embeddings=np.asarray(embeddings, np.float32))
+        arrays = {"image_ids": np.array([str(i) for i in index["image_ids"]]),
+                  "embeddings": np.asarray(index["embeddings"], np.float32)}
+        if index.get("qb_beta"):
+            arrays |= {"qb_beta": np.float32(index["qb_beta"]), "qb_offsets": np.asarray(index["qb_offsets"], np.float32)}
+        np.savez(dest / "index.npz", **arrays)
         mlflow.pyfunc.save_model(dest / "search_model", python_model=SearchModel(), signature=SEARCH_SIGNATURE,
                                  input_example=(pd.DataFrame({"text": ["a photo of a dog"]}), {"top_k": 5}),
                                  artifacts={**trained, "index": str(dest / "index.npz")},
