@@ -157,6 +157,8 @@ def test_served_search_ranks_as_the_t2i_metrics(querybank_project, monkeypatch):
     import numpy as np
     import pandas as pd
 
+    from vlbench.data.manifests import read_manifest
+
     d = querybank_project
     m, bank, split, listing = _embedded(d)
     img, txt, owner = split["test"]
@@ -176,5 +178,17 @@ def test_served_search_ranks_as_the_t2i_metrics(querybank_project, monkeypatch):
             assert got == pytest.approx(want, abs=1e-4)
         hits.append(got_ids[0] == ids[owner[j]])
     assert 100 * sum(hits) / len(hits) == pytest.approx(m["qb_t2i_R@1"])
+    # `vlbench search --variant` ranks and scores as the served model; --raw by cosine
+    path_id = dict(zip(*(read_manifest(str(d / "data/splits"), "test")[c] for c in ("path", "image_id"))))
+    for flags, want_scores in (([], out["scores"][0]), (["--raw"], None)):
+        r = run_cli(["search", captions[0], "--variant", "clip", "--top", str(len(ids)), *flags], cwd=d)
+        assert r.returncode == 0, r.stderr[-2000:]
+        printed = [line.split("\t") for line in r.stdout.splitlines()]
+        if want_scores is not None:
+            assert [path_id[p] for _, p in printed] == out["image_ids"][0] and ("query-bank normalised" in r.stderr) == bool(beta)
+        else:
+            want_scores = [float(img[ids.index(path_id[p])] @ txt[0]) for _, p in printed]
+            assert [float(sc) for sc, _ in printed] == sorted((float(sc) for sc, _ in printed), reverse=True)
+        assert [float(sc) for sc, _ in printed] == pytest.approx(want_scores, abs=1e-4)
     index = np.load(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/search_model/artifacts/index.npz"))
     assert float(index["qb_beta"]) == beta if beta else "qb_beta" not in index

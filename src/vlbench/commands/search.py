@@ -1,8 +1,10 @@
 """`vlbench search "a red circle on the left" --variant NAME`: the top images for a text query.
 
 Indexes the test split's cached features (those of the variant's image encoder; for a pixel
-variant, which tuned its encoder, the image files), prints path and cosine score per hit, and
-optionally writes a gallery PNG.
+variant, which tuned its encoder, the image files), prints path and score per hit, and optionally
+writes a gallery PNG. The score is the cosine, or, where the evaluate stage chose query-bank
+normalisation for the variant's t2i ranking on dev (``qb_beta_t2i`` > 0 in metrics/<variant>.json),
+the normalised score the evaluation and the served search model rank by (``--raw``: the cosine).
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ def main(argv=None):
     ap.add_argument("--features", help="features folder (default data/features/<image encoder>)")
     ap.add_argument("--splits", default="data/splits")
     ap.add_argument("--gallery", help="write the hits as a PNG here")
+    ap.add_argument("--raw", action="store_true", help="rank by cosine even where the evaluation chose query-bank normalisation")
+    ap.add_argument("--params", default="params.yaml", help="params file (its evaluate.querybank_images and train.seed give the query bank)")
+    ap.add_argument("--metrics", default="metrics", help="the evaluate stage's folder (<variant>.json: the chosen query-bank beta)")
     a = ap.parse_args(argv)
     if not (a.variant or a.model):
         ap.error("give --variant or --model")
@@ -44,6 +49,8 @@ def main(argv=None):
         feats, ids = load_features(features, a.split)
         paths = read_manifest(a.splits, a.split).set_index("image_id").loc[ids]["path"].tolist()
     s.index(feats, paths)
+    if a.variant and not a.raw:
+        _querybank(s, a, None if s.meta.get("input") == "pixels" else features)
     hits = s.search(a.query, a.top)
     for path, score in hits:
         print(f"{score:.4f}\t{path}")
@@ -52,3 +59,37 @@ def main(argv=None):
 
         retrieval_gallery([a.query], [[(p, sc, False) for p, sc in hits]], a.gallery)
         print(f"gallery: {a.gallery}")
+
+
+def _querybank(s, a, features: str | None) -> None:
+    """Rank as the evaluate stage's t2i metrics did: with query-bank normalisation where it chose it
+    on dev, over the same bank (``vlbench.scoring.querybank_split``), for the model it evaluated."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from ..params import load_params, section
+    from ..scoring import querybank_split, search_offsets
+
+    evaluated = Path(a.metrics) / f"{a.variant}.json"
+    if not evaluated.is_file():
+        return
+    result = json.loads(evaluated.read_text())
+    beta = result.get("metrics", {}).get("qb_beta_t2i", 0.0)
+    if not beta:
+        return
+    if result.get("params") != s.meta.get("params"):
+        print(f"vlbench search: {evaluated} scored another training of {a.variant}; ranking by cosine", file=sys.stderr)
+        return
+    raw = load_params(a.params)
+    n, seed = section(raw, "evaluate").querybank_images, section(raw, "train").seed
+    if not n:
+        print(f"vlbench search: {a.params} has no query bank (evaluate.querybank_images: 0); ranking by cosine", file=sys.stderr)
+        return
+    _, _, texts = querybank_split(s.cfg, a.splits, features, n, seed)
+    bank = torch.cat([s.embed_texts(texts[i : i + 256]) for i in range(0, len(texts), 256)])
+    s.use_index(s.image_emb, s.paths, beta, search_offsets(bank, s.image_emb, beta))
+    print(f"vlbench search: scores are query-bank normalised (beta {beta:g} over {len(texts)} training captions, "
+          f"chosen on dev by the evaluation; --raw for cosines)", file=sys.stderr)
