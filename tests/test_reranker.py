@@ -31,6 +31,31 @@ def test_rerank_reorders_only_the_top_k():
     assert ranks(sim, owner)[1].tolist() == [2, 2, 2, 2]  # before: every caption ranked its image 2nd
 
 
+def test_reranking_keeps_the_ties_the_metrics_count():
+    """Captions with the same text under several images (the shapes data: 1,288 distinct of 1,500)
+    tie in the dual encoder's scores, and the metrics count a tie for the query. Re-ranking by the
+    dual encoder's own order (weight 0) must then give its recalls exactly, whichever few of a tie
+    ``topk`` kept, and a re-ranker that scores equal texts alike must keep them tied."""
+    from vlbench.models.reranker import reorder_top_k, top_k_scores
+
+    g = torch.Generator().manual_seed(0)
+    texts = torch.randint(0, 6, (40,), generator=g)  # 40 captions of 6 distinct texts
+    owner = torch.arange(40) // 5                    # 8 images x 5 captions
+    sim = torch.rand(8, 6, generator=g)[:, texts]    # a caption's score is its text's
+    flip = top_k_scores(sim, 3, lambda i, c: torch.rand(len(i), generator=g))  # noise: ties in it break
+    for keep in (lambda first, itm: first, lambda first, itm: 10 * first + 0.0 * itm):
+        i2t, t2i = reorder_top_k(sim, flip, keep)
+        assert ranks(i2t, owner)[0].tolist() == ranks(sim, owner)[0].tolist()
+        assert ranks(t2i, owner)[1].tolist() == ranks(sim, owner)[1].tolist()
+    # a matcher that knows the text: image i's own texts first; tied captions stay tied
+    own_text = lambda i, c: torch.tensor([float((texts[owner == a] == texts[b]).any()) for a, b in zip(i, c)])  # noqa: E731
+    i2t, _ = reorder_top_k(sim, top_k_scores(sim, 3, own_text), lambda first, itm: itm)
+    for i in range(8):
+        shown = i2t[i]
+        assert all(shown[a] == shown[b] for a in range(40) for b in range(40) if texts[a] == texts[b])
+    assert ranks(i2t, owner)[0].float().mean() <= ranks(sim, owner)[0].float().mean()
+
+
 def test_dev_weight_follows_what_the_matcher_is_worth():
     from vlbench.models.reranker import DEV_WEIGHTS, top_k_scores
     from vlbench.scoring import pick_rerank_weight

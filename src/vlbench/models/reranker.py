@@ -118,18 +118,33 @@ def top_k_scores(sim: torch.Tensor, k: int, score, batch_size: int = 512) -> dic
     return out
 
 
-def reorder_top_k(sim: torch.Tensor, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], order) -> tuple[torch.Tensor, torch.Tensor]:
+def reorder_top_k(sim: torch.Tensor, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], order,
+                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-order each query's top-k (``top_k_scores``) by ``order(first, logits) -> values``, where
     ``first`` [Q, kk] are the candidates' values in ``sim``. Returns (i2t_sim, t2i_sim): copies of
     ``sim`` in which each image's (row's) or caption's (column's) top-k candidates are lifted above
-    every other entry (cosines lie in [-1, 1]) in that order; the rest keep the dual encoder's order."""
+    every other entry (cosines lie in [-1, 1]) in that order; the rest keep the dual encoder's order.
+
+    Ties stay ties, as the retrieval metrics count them (for the query): candidates the dual encoder
+    scores exactly alike (the same caption text under several images, as in the shapes data) share
+    one re-ranked value, the best of theirs, and so does every entry outside the top-k that ties with
+    one inside (``topk`` keeps an arbitrary few of a tie). Breaking them instead cost the re-ranked
+    i2t R@1 up to 7 points against the first stage's on the shapes data, re-ranking or not."""
 
     def lifted(s: torch.Tensor, top: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         kk = top.shape[1]
-        # rank r (0 = best) of each candidate -> value 2 + kk - r, distinct and above any cosine
-        rank = order(s.gather(1, top), logits).argsort(1, descending=True).argsort(1)
+        first = s.gather(1, top)
+        values = order(first, logits)
+        alike = first[:, :, None] == first[:, None, :]  # [Q, kk, kk]: the first stage can't tell them apart
+        values = values[:, None, :].expand_as(alike).masked_fill(~alike, float("-inf")).amax(-1)
+        ahead = (values[:, None, :] > values[:, :, None]).sum(-1)  # candidates strictly ahead: a tie shares it
+        lift = (2 + kk - ahead).to(s.dtype)  # rank r (0 = best) -> 2 + kk - r, above any cosine
         out = s.clone()
-        out.scatter_(1, top, (2 + kk - rank).to(s.dtype))
+        for q in range(0, len(s), chunk):  # entries tied with a top-k candidate take its value
+            rows, f, v = s[q : q + chunk], first[q : q + chunk], lift[q : q + chunk]
+            tied = rows[:, :, None] == f[:, None, :]  # [q, N, kk]
+            value = v[:, None, :].expand_as(tied).masked_fill(~tied, float("-inf")).amax(-1)
+            out[q : q + chunk] = torch.where(tied.any(-1), value, rows)
         return out
 
     return lifted(sim, *scores["i2t"]), lifted(sim.t(), *scores["t2i"]).t()
