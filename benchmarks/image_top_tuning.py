@@ -6,13 +6,16 @@ frozen part runs once per image, as the text side's frozen layers do for `text_t
 step costs the top block and the heads instead of the whole tower (~20x a cached step).
 
     python benchmarks/image_top_tuning.py --splits data/splits [--steps 1000] [--seeds 0 1 2] \
-        [--cache checkpoints/image_top] [--out benchmarks/flickr8k/image_top_tuning.json]
+        [--cache checkpoints/image_top] [--text-tune-layers 2 --lr 3e-4 --steps 800] \
+        [--out benchmarks/flickr8k/image_top_tuning.json]
     python benchmarks/image_top_tuning.py --table benchmarks/flickr8k/image_top_tuning.json
 
 Rows, each trained the same steps, batch, learning rate and seeds, side by side in one process:
 the frozen grid (the top runs without gradients: the pipeline's `clip_lite2_minilm`, attention
 pooling, InfoNCE, frozen MiniLM), the top tuned, and (``--mirror``) the top tuned on maps
-mirrored left-right at random (an augmentation that cached grids otherwise lack). The model, the
+mirrored left-right at random (an augmentation that cached grids otherwise lack).
+``--text-tune-layers N`` tunes MiniLM's top N layers in every row too (the pipeline's
+``clip_lite2_minilm_top2`` with N = 2, its frozen layers cached as the train stage does). The model, the
 text cache, batches, learning-rate schedule and dev metric are the train stage's (vlbench.training,
 vlbench.selection); bf16 autocast as configs/flickr8k.yaml. BatchNorm keeps its ImageNet statistics.
 Prints a table (best dev rsum over all dev images, its step, the difference to the frozen row, and
@@ -108,7 +111,8 @@ def print_table(data: dict) -> None:
     a = argparse.Namespace(**data["args"])
     table = data["rows"]
     base = statistics.mean(r["dev_rsum"] for r in table[0]["runs"])
-    print(f"\n{BACKBONE}, attention pooling, frozen MiniLM; {a.steps} steps of {a.batch_size} images, lr {a.lr} "
+    text = f"MiniLM's top {a.text_tune_layers} layers tuned" if getattr(a, "text_tune_layers", 0) else "frozen MiniLM"
+    print(f"\n{BACKBONE}, attention pooling, {text}; {a.steps} steps of {a.batch_size} images, lr {a.lr} "
           f"(top {a.top_lr}), seeds {a.seeds}; dev split (all images), best of the evaluations every {a.eval_every} steps\n")
     print("| row | dev rsum (mean over seeds) | per seed | best steps | vs frozen | training s per step |")
     print("|---|---|---|---|---|---|")
@@ -130,6 +134,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--mirror", action="store_true", help="also the row with maps mirrored at random")
+    ap.add_argument("--text-tune-layers", type=int, default=0, help="also tune MiniLM's top N layers (0: frozen MiniLM)")
     ap.add_argument("--cache", default="checkpoints/image_top", help="where the frozen bottom's maps are kept")
     ap.add_argument("--out", default="benchmarks/flickr8k/image_top_tuning.json")
     ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier run's JSON")
@@ -143,7 +148,7 @@ def main(argv=None) -> None:
     from vlbench.models.variants import build_variant, create_variant_model
     from vlbench.runtime import configure_threads, seed_everything
     from vlbench.selection import make_dev_metric
-    from vlbench.training import Batches, TextCache, lr_at, make_step
+    from vlbench.training import Batches, TextCache, TunedTextCache, lr_at, make_step
 
     configure_threads()
     device = torch.device("cpu")
@@ -152,7 +157,8 @@ def main(argv=None) -> None:
     ids = {s: list(read_manifest(a.splits, s)["image_id"]) for s in ("train", "val")}
     captions = captions_by_row(a.splits, "train", ids["train"])
     optim = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "warmup_steps": max(1, a.steps // 20)}
-    cfg = build_variant("image_top", {**VARIANT, "optim": optim})
+    text = {"text_tuning": "full", "text_tune_layers": a.text_tune_layers} if a.text_tune_layers else {}
+    cfg = build_variant("image_top", {**VARIANT, **text, "optim": optim})
     rows_to_run = [("frozen grid (no gradients through the top)", False, False),
                    ("last block + head conv tuned", True, False)]
     if a.mirror:
@@ -165,7 +171,11 @@ def main(argv=None) -> None:
             top = tower.fresh_top().requires_grad_(tune)
             train_in = TopTokens(maps["train"], ids["train"], top, mirror, seed)
             model = create_variant_model(cfg, 1280, int(np.prod(maps["train"].shape[2:])), None).to(device)
-            if text_cache is None:  # frozen MiniLM, mean pooling: the same caption features for every row
+            if a.text_tune_layers:  # the frozen layers' states are the same for every model: computed once
+                if text_cache is None:
+                    text_cache = TunedTextCache(model, captions, device)
+                text_cache.model = model  # whose tuned layers run on them
+            elif text_cache is None:  # frozen MiniLM, mean pooling: the same caption features for every row
                 model.eval()
                 text_cache = TextCache(model, captions, device)
             dev = make_dev_metric(model, cfg, TopTokens(maps["val"], ids["val"], top, False, seed), a.splits, device, 0)
