@@ -24,7 +24,7 @@ from .data.manifests import captions_by_row, read_manifest
 from .errors import ParamError
 from .image_features import load_features
 from .inputs import check_features, open_inputs
-from .metrics.retrieval import both_ways, chance_recall, querybank_scores, retrieval_metrics
+from .metrics.retrieval import both_ways, chance_recall, querybank_offsets, querybank_scores, retrieval_metrics
 from .models.protocols import AlignmentModel, CaptioningModel
 from .models.reranker import DEV_WEIGHTS, reorder_top_k, top_k_scores
 from .models.trained import load_trained
@@ -147,7 +147,7 @@ def search_offsets(bank_txt: torch.Tensor, img: torch.Tensor, beta: float) -> to
     it beside the image embeddings. Zeros for beta 0 (the raw similarities)."""
     if beta == 0:
         return torch.zeros(len(img), device=img.device)
-    return torch.logsumexp(beta * (bank_txt @ img.t()).float(), 0)
+    return querybank_offsets(bank_txt @ img.t(), beta)
 
 
 def pick_rerank_weight(sim, scores, owner, order_for) -> tuple[float, dict[float, float]]:

@@ -66,9 +66,16 @@ def querybank_scores(sim: torch.Tensor, bank_sim: torch.Tensor, beta: float, que
     bank images against the captions. Returns scores in ``sim``'s layout, for that direction only."""
     if queries not in ("i2t", "t2i"):
         raise ValueError(f"queries must be 'i2t' or 't2i', got {queries!r}")
-    lse = torch.logsumexp(beta * bank_sim.float(), 0)  # [n_gallery]
+    lse = querybank_offsets(bank_sim, beta)  # [n_gallery]
     scores = beta * sim.float()
     return scores - (lse[:, None] if queries == "t2i" else lse[None, :])
+
+
+def querybank_offsets(bank_sim: torch.Tensor, beta: float) -> torch.Tensor:
+    """What query-bank normalisation subtracts from ``beta`` x each gallery item's similarity to a
+    query: the logsumexp over the bank of ``beta`` x the bank queries' similarities to it (``bank_sim``
+    [n_bank, n_gallery]) -> [n_gallery]."""
+    return torch.logsumexp(beta * bank_sim.float(), 0)
 
 
 def both_ways(i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
