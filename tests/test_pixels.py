@@ -18,7 +18,7 @@ PIXEL = {"family": "alignment", "model": "dual_encoder", "image_encoder": "effic
 
 def test_image_tuning_modes_train_what_they_say():
     counts = {}
-    for tuning in ("frozen", "lora", "full"):
+    for tuning in ("frozen", "lora", "top", "full"):
         cfg = build_variant("t", {**PIXEL, "image_tuning": tuning}, "pixel_variants")
         model = create_variant_model(cfg, 1280, 4, pixels=True)
         counts[tuning] = sum(p.numel() for p in model.image_encoder.parameters() if p.requires_grad)
@@ -28,7 +28,45 @@ def test_image_tuning_modes_train_what_they_say():
             assert counts[tuning] == 0 and not encoder_keys
         elif tuning == "lora":
             assert encoder_keys and all("lora_" in k for k in encoder_keys)
-    assert 0 < counts["lora"] < 0.1 * counts["full"]
+        elif tuning == "top":  # EfficientNet's last stage (blocks.6) and head conv, nothing below
+            top = tuple(f"image_encoder.backbone.{m}." for m in ("blocks.6", "conv_head", "bn2"))
+            assert encoder_keys and all(k.startswith(top) for k in encoder_keys)
+            assert all(p.requires_grad == k.startswith(top) for k, p in model.image_encoder.named_parameters(prefix="image_encoder"))
+    assert 0 < counts["lora"] < counts["top"] < 0.5 * counts["full"]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "timm/resnet18"])
+@pytest.mark.parametrize("stages", [1, 2])
+def test_image_top_and_bottom_compute_the_whole_tower(name, stages):
+    import torch
+
+    from vlbench.models.components import timm_image_encoder
+    from vlbench.models.registry import create_image_encoder
+
+    enc = (timm_image_encoder(name[5:], pretrained=False) if name.startswith("timm/") else create_image_encoder(name)).eval()
+    bottom, top = enc.split_top(stages)
+    assert len(top) == stages + (2 if name.startswith("efficientnet") else 0)  # EfficientNet: + head conv and its norm
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        whole = enc(x)
+        maps = bottom(x)
+        split = top(maps).flatten(2).transpose(1, 2)
+    assert maps.shape[1] != 3 and split.shape == whole.shape
+    torch.testing.assert_close(split, whole)
+
+
+def test_image_top_tuning_needs_a_cnn_with_a_stage_left_frozen():
+    with pytest.raises(ParamError, match=r"^pixel_variants\.t\.image_tuning: top tunes a CNN"):
+        build_variant("t", {**PIXEL, "image_encoder": "hf/google/vit-base-patch16-224", "image_tuning": "top"},
+                      "pixel_variants")
+    with pytest.raises(ParamError, match=r"^pixel_variants\.t\.image_tune_stages: 7, but efficientnet_lite0 has 7"):
+        build_variant("t", {**PIXEL, "image_tuning": "top", "image_tune_stages": 7}, "pixel_variants")
+    with pytest.raises(ParamError, match=r"^pixel_variants\.t\.image_tune_stages: needs image_tuning: top"):
+        build_variant("t", {**PIXEL, "image_tune_stages": 2}, "pixel_variants")
+    two = build_variant("t", {**PIXEL, "image_tuning": "top", "image_tune_stages": 2}, "pixel_variants")
+    model = create_variant_model(two, 1280, 4, pixels=True)
+    tuned = {k.split(".")[3] for k in model.trainable_state_dict() if k.startswith("image_encoder.backbone.blocks.")}
+    assert tuned == {"5", "6"}
 
 
 def test_image_tuning_on_cached_features_is_refused():
@@ -46,16 +84,28 @@ def test_image_tuning_on_cached_features_is_refused():
 def pixel_project(tmp_path_factory):
     d = tmp_path_factory.mktemp("pixels")
     params = tiny_params(n_images=40)
-    params["pixel_variants"] = {"clip_px": PIXEL}
+    params["pixel_variants"] = {"clip_px": PIXEL, "clip_top": {**PIXEL, "image_tuning": "top"}}
     (d / "params.yaml").write_text(yaml.safe_dump(params))
     for args in (["download"], ["split"]):  # no features stage
         r = run_cli(args, cwd=d)
         assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli(["train", "--variant", "clip_px"], cwd=d)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(["evaluate", "--variant", "clip_px"], cwd=d)
-    assert r.returncode == 0, r.stderr[-3000:]
+    for name in params["pixel_variants"]:
+        r = run_cli(["train", "--variant", name], cwd=d)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = run_cli(["evaluate", "--variant", name], cwd=d)
+        assert r.returncode == 0, r.stderr[-3000:]
     return d
+
+
+def _test_pixels(d, model, cfg):
+    import pandas as pd
+    import torch
+
+    from vlbench.runtime import load_image, to_tensor
+
+    test = pd.read_parquet(d / "data/splits/test.parquet")
+    enc = model.image_encoder
+    return test, torch.stack([to_tensor(load_image(str(d / p), cfg.image_size), enc.mean, enc.std) for p in test["path"]])
 
 
 def test_pixel_variant_trains_and_evaluates_without_features(pixel_project):
@@ -71,17 +121,13 @@ def test_pixel_variant_trains_and_evaluates_without_features(pixel_project):
     assert result["images"] == 12
     # the recalls again, by a naive reference on the similarities of the saved model, recomputed here from
     # the test images' pixels through its tuned encoder
-    import pandas as pd
     import torch
 
     from vlbench.models.trained import load_trained
-    from vlbench.runtime import load_image, to_tensor
 
     model, cfg, _ = load_trained(d / "models/clip_px")
     model.eval()
-    test = pd.read_parquet(d / "data/splits/test.parquet")
-    enc = model.image_encoder
-    pixels = torch.stack([to_tensor(load_image(str(d / p), cfg.image_size), enc.mean, enc.std) for p in test["path"]])
+    test, pixels = _test_pixels(d, model, cfg)
     flat = [c for caps in test["captions"] for c in caps]
     owner = [i for i, caps in enumerate(test["captions"]) for _ in caps]
     with torch.no_grad():
@@ -105,3 +151,37 @@ def test_pixel_variant_reloads_and_searches(pixel_project):
 def test_stage_and_variant_kind_must_agree(pixel_project):
     r = run_cli(["train", "--variant", "clip_px", "--features", "data/features/x"], cwd=pixel_project)
     assert r.returncode == 2 and "pixel variant reads images" in r.stderr
+
+
+def test_image_top_tuning_trains_the_top_over_maps_computed_once(pixel_project, monkeypatch):
+    """``image_tuning: top``: the checkpoint holds the tuned last stage (moved from ImageNet's
+    weights) and nothing below; the frozen stages' maps the train stage computes once give the
+    tokens the whole tower gives from pixels; the test metrics are those of the reloaded model's
+    similarities, its tuned top included."""
+    import torch
+
+    from vlbench.inputs import FrozenBottom, Pixels
+    from vlbench.models.registry import create_image_encoder
+    from vlbench.models.trained import load_trained
+
+    d = pixel_project
+    saved = load_file(str(d / "models/clip_top/model.safetensors"))
+    encoder_keys = [k for k in saved if k.startswith("image_encoder.")]
+    assert encoder_keys and all(k.startswith(("image_encoder.backbone.blocks.6.", "image_encoder.backbone.conv_head.",
+                                              "image_encoder.backbone.bn2.")) for k in encoder_keys)
+    pretrained = create_image_encoder("efficientnet_lite0").state_dict()
+    head = "image_encoder.backbone.conv_head.weight"
+    assert not torch.equal(saved[head], pretrained[head.removeprefix("image_encoder.")])  # training moved the top
+    model, cfg, _ = load_trained(d / "models/clip_top")
+    torch.testing.assert_close(model.image_encoder.backbone.conv_head.weight, saved[head])
+    test, pixels = _test_pixels(d, model, cfg)
+    monkeypatch.chdir(d)  # the manifests' image paths are the project's
+    maps = FrozenBottom(Pixels(d / "data/splits", "test", cfg.image_size, model.image_encoder), model, torch.device("cpu"), "test")
+    flat = [c for caps in test["captions"] for c in caps]
+    owner = [i for i, caps in enumerate(test["captions"]) for _ in caps]
+    with torch.no_grad():
+        tokens = model.image_tokens(pixels)
+        torch.testing.assert_close(model.image_tokens(maps.batch(list(range(len(maps))))), tokens, atol=2e-2, rtol=1e-2)
+        sim = (model.embed_images(tokens) @ model.embed_text_features(model.text_features(flat, "cpu")).T).tolist()
+    result = json.loads((d / "metrics/clip_top.json").read_text())
+    assert_recalls_match_naive_reference(result["metrics"], sim, owner)

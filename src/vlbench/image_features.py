@@ -27,12 +27,14 @@ class ImageFiles(Dataset):
 
 @torch.inference_mode()
 def encode_paths(encoder, paths: list[str], image_size: int, batch_size: int, device, desc: str = "features",
-                 bar: tqdm | None = None) -> np.ndarray:
-    """Batched, channels-last (1.7x on CPU too), autocast on GPU; returns float16 [N, T, C].
+                 bar: tqdm | None = None, mean=None, std=None) -> np.ndarray:
+    """Batched, channels-last (1.7x on CPU too), autocast on GPU; returns float16 [N, T, C] (or
+    whatever else ``encoder`` outputs per image). ``mean``, ``std``: the pixel normalisation, when
+    ``encoder`` is part of an image encoder (default: ``encoder``'s own).
     Decoding workers only with a GPU: on a small CPU they take cores from the encoder."""
     workers = min(4, (os.cpu_count() or 1) - 1, len(paths) // batch_size) if device.type == "cuda" else 0
     loader = DataLoader(
-        ImageFiles(paths, image_size, encoder.mean, encoder.std),
+        ImageFiles(paths, image_size, encoder.mean if mean is None else mean, encoder.std if std is None else std),
         batch_size=batch_size,
         num_workers=max(0, workers),
         pin_memory=device.type == "cuda",

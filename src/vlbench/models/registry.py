@@ -31,6 +31,7 @@ IMAGE_ENCODERS: dict[str, Callable[[], ImageEncoder]] = {
     "efficientnet_lite2": components.efficientnet_lite2,
 }
 NATIVE_SIZES = {f"efficientnet_lite{n}": size for n, size in components.EFFICIENTNET_LITE_SIZES.items()}
+IMAGE_STAGES = {name: 7 for name in IMAGE_ENCODERS}  # EfficientNet's stages of blocks (image_tune_stages)
 TEXT_ENCODERS: dict[str, Callable[[], TextEncoder]] = {"minilm_l6": components.minilm_l6, "longformer_minilm": _longformer_minilm}
 TEXT_LAYERS = {"minilm_l6": 6, "longformer_minilm": 6}  # transformer layers of the offline text encoders
 LANGUAGE_MODELS: dict[str, Callable[[], LanguageModel]] = {"smollm2_135m": components.smollm2_135m}

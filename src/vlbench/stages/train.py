@@ -38,7 +38,7 @@ from .. import distributed, io
 from ..config import to_flat_dict
 from ..data.manifests import captions_by_row
 from ..errors import ParamError
-from ..inputs import check_features, open_inputs
+from ..inputs import FrozenBottom, check_features, open_inputs
 from ..models.protocols import AlignmentModel, CaptioningModel
 from ..models.trained import save_trained
 from ..models.variants import create_variant_model, prepare_variant, variant
@@ -118,6 +118,9 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     extra = {**inputs.describe(), "image_encoder": cfg.image_encoder}
     extra |= prepare_variant(cfg, [c for caps in captions for c in caps])  # e.g. a vocabulary, saved with the model
     model = create_variant_model(cfg, extra["image_dim"], extra["n_grid"], extra.get("vocab"), pixels=pixels).to(device)
+    frozen_bottom = getattr(model, "image_top", None) is not None  # image_tuning: top
+    if frozen_bottom:  # the frozen stages' maps are the same every step: computed once
+        inputs = FrozenBottom(inputs, model, device, "train")
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     text_cache = None
@@ -148,6 +151,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         forward = torch.compile(forward)
     step_fn = make_step(model, cfg, captions, text_cache, inputs, device, forward)
     val_inputs = open_inputs("val", splits_dir, features_dir, cfg)
+    if frozen_bottom and ranks.is_main:  # rank 0 validates
+        val_inputs = FrozenBottom(val_inputs, model, device, "val")
     val_loss = make_val_loss(model, cfg, val_inputs, splits_dir,
                              text_cache is not None, device) if ranks.is_main else None  # rank 0 validates
     # model selection on the dev split: the best evaluation's weights become the model (vlbench/selection.py)
