@@ -5,6 +5,7 @@ anything is written."""
 import json
 import os
 import shutil
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,37 @@ def test_omp_num_threads_of_the_user_wins():
 def test_bad_vlbench_jobs_is_one_line(value):
     out = probe({"VLBENCH_JOBS": value})
     assert out["error"] == "ParamError" and out["message"].startswith("VLBENCH_JOBS: "), out
+
+
+MALLOC_PROBE = """
+import json, resource, sys
+import torch
+from vlbench.runtime import configure_threads
+configure_threads()
+faults = []
+for _ in range(10):  # a step's large tensor (64 MB), freed and allocated again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20)
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_freed_memory_is_reused_not_faulted_in_again():
+    """configure_threads (every stage) makes glibc keep freed blocks: once the heap has grown, a
+    64 MB tensor allocated again costs no fresh page faults (16,384 of 4 KB under glibc's default,
+    at every allocation), unless VLBENCH_MALLOC=default asks for glibc's own behaviour."""
+    def faults(env_vars: dict) -> list[int]:
+        env = env_with_venv()
+        env.pop("VLBENCH_MALLOC", None)
+        env.update(env_vars)
+        r = subprocess.run([sys.executable, "-c", MALLOC_PROBE], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    pages = 64 * 2**20 // resource.getpagesize()
+    default, reuse = faults({"VLBENCH_MALLOC": "default"}), faults({})
+    assert all(f > pages // 2 for f in default)  # every allocation maps fresh pages
+    assert all(f < pages // 20 for f in reuse[-3:])  # the first few do (the heap grows); then none

@@ -45,12 +45,37 @@ def missing_device(name: str) -> str | None:
     return f"{name!r} is not available on this machine (available: {', '.join(have)})"
 
 
+# glibc hands every freed block above its mmap threshold (adaptive, at most 32 MB) back to the
+# OS, so each step's large tensors (a batch of 16 images at 260 px: 35 MB in Lite2's first stage)
+# are fresh mappings whose pages fault in again, on every step: on these 2 cores the page faults
+# cost more than the convolutions (benchmarks/malloc_reuse.py). Above both thresholds below,
+# freed memory stays in the process for the next step; VLBENCH_MALLOC=default keeps glibc's.
+KEEP_FREED_BELOW = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def configure_malloc() -> bool:
+    """Let glibc keep freed memory below ``KEEP_FREED_BELOW`` for reuse instead of returning it to
+    the OS (see above). No-op (False) off glibc, under ``VLBENCH_MALLOC=default``, or where the
+    environment sets glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``."""
+    import ctypes
+
+    if os.environ.get("VLBENCH_MALLOC", "").strip() == "default" or any(
+            os.environ.get(v) for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BELOW)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BELOW))
+
+
 _TORCH_DEFAULT_THREADS: int | None = None  # torch's own choice, before configure_threads changed it
 
 
 def configure_threads(threads: int = 0) -> int:
     """Set torch's CPU threads for this process and return the count (called by every torch-using
-    stage and command before any work).
+    stage and command before any work); also ``configure_malloc``.
 
     ``OMP_NUM_THREADS`` set in the environment wins (torch has read it already; left alone).
     Else ``threads`` > 0 (params ``train.threads``) is used as given. Else (auto) the cores this
@@ -59,6 +84,7 @@ def configure_threads(threads: int = 0) -> int:
     two jobs on two cores each take one thread, not two threads each that spin against each other
     (``benchmarks/concurrent_jobs.py``)."""
     global _TORCH_DEFAULT_THREADS
+    configure_malloc()  # and freed memory is reused, from the first step on
     if _TORCH_DEFAULT_THREADS is None:
         _TORCH_DEFAULT_THREADS = torch.get_num_threads()
     if os.environ.get("OMP_NUM_THREADS", "").strip():
