@@ -48,8 +48,9 @@ def missing_device(name: str) -> str | None:
 # glibc hands every freed block above its mmap threshold (adaptive, at most 32 MB) back to the
 # OS, so each step's large tensors (a batch of 16 images at 260 px: 35 MB in Lite2's first stage)
 # are fresh mappings whose pages fault in again, on every step: on these 2 cores the page faults
-# cost more than the convolutions (benchmarks/malloc_reuse.py). Above both thresholds below,
-# freed memory stays in the process for the next step; VLBENCH_MALLOC=default keeps glibc's.
+# cost more than the convolutions (benchmarks/malloc_reuse.py). With both thresholds raised to
+# KEEP_FREED_BELOW, freed memory stays in the process for the next step; VLBENCH_MALLOC=default
+# keeps glibc's behaviour.
 KEEP_FREED_BELOW = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
