@@ -223,15 +223,20 @@ def test_bad_vlbench_jobs_is_one_line(value):
 
 
 MALLOC_PROBE = """
-import json, resource, sys
+import ctypes, json, resource
 import torch
 from vlbench.runtime import configure_threads
 configure_threads()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 48 * 2**20  # a step's large tensor: above glibc's largest adaptive mmap threshold (32 MB)
 faults = []
-for _ in range(10):  # a step's large tensor (64 MB), freed and allocated again
+for _ in range(6):  # allocated, written, freed, again
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(16 * 2**20)
-    del x
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps(faults))
 """
@@ -239,9 +244,10 @@ print(json.dumps(faults))
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
 def test_freed_memory_is_reused_not_faulted_in_again():
-    """configure_threads (every stage) makes glibc keep freed blocks: once the heap has grown, a
-    64 MB tensor allocated again costs no fresh page faults (16,384 of 4 KB under glibc's default,
-    at every allocation), unless VLBENCH_MALLOC=default asks for glibc's own behaviour."""
+    """configure_threads (every stage) makes glibc keep freed blocks: a 48 MB block allocated
+    again costs no fresh page faults (12,288 of 4 KB under glibc's default, at every allocation),
+    unless VLBENCH_MALLOC=default asks for glibc's own behaviour. (Plain malloc: what torch's own
+    allocator does on top is benchmarks/malloc_reuse.py's to show.)"""
     def faults(env_vars: dict) -> list[int]:
         env = env_with_venv()
         env.pop("VLBENCH_MALLOC", None)
@@ -250,7 +256,7 @@ def test_freed_memory_is_reused_not_faulted_in_again():
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    pages = 64 * 2**20 // resource.getpagesize()
+    pages = 48 * 2**20 // resource.getpagesize()
     default, reuse = faults({"VLBENCH_MALLOC": "default"}), faults({})
     assert all(f > pages // 2 for f in default)  # every allocation maps fresh pages
-    assert all(f < pages // 20 for f in reuse[-3:])  # the first few do (the heap grows); then none
+    assert reuse[0] > pages // 2 and all(f < pages // 20 for f in reuse[1:])  # the first grows the heap; then none
