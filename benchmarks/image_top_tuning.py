@@ -42,15 +42,13 @@ VARIANT = {"model": "dual_encoder", "image_encoder": BACKBONE, "image_pooling": 
 
 class Tower:
     """The frozen bottom (stem + all blocks but the last) and the tunable top (last block, head conv,
-    its BatchNorm) of a timm EfficientNet."""
+    its BatchNorm) of a timm EfficientNet: ``ImageEncoder.split_top``, as ``image_tuning: top`` splits it."""
 
     def __init__(self):
         from vlbench.models.registry import create_image_encoder
 
         self.encoder = create_image_encoder(BACKBONE).eval()
-        b = self.encoder.backbone
-        self.bottom = torch.nn.Sequential(b.conv_stem, b.bn1, b.blocks[:-1])
-        self.top = torch.nn.Sequential(b.blocks[-1], b.conv_head, b.bn2)
+        self.bottom, self.top = self.encoder.split_top(1)
 
     def fresh_top(self) -> torch.nn.Module:
         import copy
@@ -59,12 +57,10 @@ class Tower:
 
 
 def cached_bottom(tower: Tower, splits: str, split: str, cache: Path) -> np.ndarray:
-    """The frozen bottom's output maps [N, C, H, W] (float16) of a split's images, computed once."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
+    """The frozen bottom's output maps [N, C, H, W] (float16) of a split's images, computed once
+    (``encode_paths``, as the train stage's ``FrozenBottom`` computes them)."""
     from vlbench.data.manifests import read_manifest
-    from vlbench.image_features import ImageFiles
+    from vlbench.image_features import encode_paths
     from vlbench.models.registry import NATIVE_SIZES
 
     paths = list(read_manifest(splits, split)["path"])
@@ -74,14 +70,11 @@ def cached_bottom(tower: Tower, splits: str, split: str, cache: Path) -> np.ndar
         if len(maps) == len(paths):
             return maps
     enc = tower.encoder
-    loader = DataLoader(ImageFiles(paths, NATIVE_SIZES[BACKBONE], enc.mean, enc.std), batch_size=32)
-    out = []
-    with torch.inference_mode():
-        for x in tqdm(loader, desc=f"{BACKBONE} bottom ({split})", unit="batch"):
-            out.append(tower.bottom(x).float().numpy().astype(np.float16))
+    maps = encode_paths(tower.bottom, paths, NATIVE_SIZES[BACKBONE], 32, torch.device("cpu"),
+                        desc=f"{BACKBONE} bottom ({split})", mean=enc.mean, std=enc.std)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{split}_bottom.npy"
-    np.save(tmp, np.concatenate(out))
+    np.save(tmp, maps)
     os.replace(tmp, f)  # never a half-written cache
     return np.load(f, mmap_mode="r")
 
