@@ -148,6 +148,41 @@ def test_pixel_variant_reloads_and_searches(pixel_project):
     assert len(hits) == 2 and all((pixel_project / p).is_file() for _, p in hits)
 
 
+def test_test_time_flip_embeds_each_image_with_its_mirror_image(pixel_project):
+    """``evaluate.test_time_flip``: the test metrics are those of the normalised mean of each test
+    image's and its mirror image's embeddings, the result says so, and `vlbench search` ranks the
+    images by those embeddings, as the evaluation did."""
+    import torch
+
+    from vlbench.models.trained import load_trained
+
+    d = pixel_project
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["evaluate"]["test_time_flip"] = True
+    (d / "params_flip.yaml").write_text(yaml.safe_dump(params))
+    r = run_cli(["evaluate", "--variant", "clip_px", "--params", "params_flip.yaml", "--metrics", "metrics_flip"], cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((d / "metrics_flip/clip_px.json").read_text())
+    assert result["test_time_flip"] is True and json.loads((d / "metrics/clip_px.json").read_text())["test_time_flip"] is False
+    model, cfg, _ = load_trained(d / "models/clip_px")
+    model.eval()
+    test, pixels = _test_pixels(d, model, cfg)
+    flat = [c for caps in test["captions"] for c in caps]
+    owner = [i for i, caps in enumerate(test["captions"]) for _ in caps]
+    with torch.no_grad():
+        single = model.embed_images(model.image_tokens(pixels))
+        image = torch.nn.functional.normalize(single + model.embed_images(model.image_tokens(pixels.flip(-1))), dim=-1)
+        text = model.embed_text_features(model.text_features(flat, "cpu"))
+    assert not torch.allclose(image, single, atol=1e-3)  # the mirror image moved the embeddings
+    assert_recalls_match_naive_reference(result["metrics"], (image @ text.T).tolist(), owner)
+    r = run_cli(["search", flat[0], "--variant", "clip_px", "--top", str(len(test)), "--metrics", "metrics_flip"], cwd=d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    by_path = dict(zip(test["path"], (image @ text[0]).tolist()))
+    printed = [line.split("\t") for line in r.stdout.splitlines() if "\t" in line]
+    assert len(printed) == len(test)
+    assert [float(score) for score, _ in printed] == pytest.approx([by_path[p] for _, p in printed], abs=1e-4)
+
+
 def test_stage_and_variant_kind_must_agree(pixel_project):
     r = run_cli(["train", "--variant", "clip_px", "--features", "data/features/x"], cwd=pixel_project)
     assert r.returncode == 2 and "pixel variant reads images" in r.stderr

@@ -162,6 +162,7 @@ class Searcher(_Trained):
     or, for a variant that tuned its image encoder (``pixel_variants``), the image files."""
 
     model: AlignmentModel
+    flip = False  # a pixel variant embeds each image and its mirror image (evaluate.test_time_flip)
 
     @torch.no_grad()
     def index(self, features: np.ndarray | None, paths: list[str], batch_size: int = 64) -> None:
@@ -188,8 +189,10 @@ class Searcher(_Trained):
     def embed_images(self, images: list) -> torch.Tensor:
         """Loaded images -> L2-normalised embeddings, as the index embeds them."""
         if self.meta.get("input") == "pixels":  # the model tuned its own encoder: it takes pixels
+            from .scoring import embed_image_batches
+
             x = torch.stack([to_tensor(im, self.encoder.mean, self.encoder.std) for im in images]).to(self.device)
-            return self.model.embed_images(self.model.image_tokens(x))
+            return embed_image_batches(self.model, [x], self.flip)
         return self.model.embed_images(self.grid(images))  # the cached features' encoder and rounding
 
     @torch.no_grad()

@@ -201,6 +201,10 @@ class EvaluateConfig:
     # direction's inverse temperature chosen on the dev split among querybank_betas (or raw scores)
     querybank_images: int = 0
     querybank_betas: list[float] = field(default_factory=lambda: [5.0, 10.0, 15.0, 20.0, 30.0])
+    # pixel variants (which run their image tower at evaluation): embed each test and dev image and
+    # its mirror image and average the two (test-time augmentation; the query bank stays single-view);
+    # the cached grids of ``variants`` are made once by the features stage and stay single-view
+    test_time_flip: bool = False
 
     def check(self, p):
         positive(p, self, "batch_size")

@@ -60,6 +60,18 @@ def _image_batches(inputs, rows, batch_size: int, device):
         yield inputs.batch(rows[s : s + batch_size]).to(device)
 
 
+def embed_image_batches(model: AlignmentModel, batches, flip: bool = False) -> torch.Tensor:
+    """Normalised embeddings of the images in ``batches``. ``flip`` (``evaluate.test_time_flip``, for
+    pixels only): the normalised mean of each image's and its mirror image's embeddings."""
+    out = []
+    for b in batches:
+        e = model.embed_images(model.image_tokens(b))
+        if flip:
+            e = torch.nn.functional.normalize(e + model.embed_images(model.image_tokens(b.flip(-1))), dim=-1)
+        out.append(e)
+    return torch.cat(out)
+
+
 def _rerank_scores(model: AlignmentModel, sim, tokens, masks, image_tokens) -> dict:
     """The re-ranker's matching logits of each query's top-k candidates, both directions."""
     text_p, mask_p, image_p = model.reranker.project(tokens, masks, image_tokens)
@@ -100,9 +112,10 @@ def querybank_split(cfg, splits_dir: str, features_dir: str | None, n_images: in
 
 
 @torch.no_grad()
-def _embed(model: AlignmentModel, inputs, rows, texts: list[str], device, batch_size: int, desc: str):
-    """Normalised embeddings of the images at ``rows`` of ``inputs`` and of ``texts``."""
-    img = torch.cat([model.embed_images(model.image_tokens(b)) for b in _image_batches(inputs, rows, batch_size, device)])
+def _embed(model: AlignmentModel, inputs, rows, texts: list[str], device, batch_size: int, desc: str, flip: bool):
+    """Normalised embeddings of the images at ``rows`` of ``inputs`` (``flip``: ``embed_image_batches``)
+    and of ``texts``."""
+    img = embed_image_batches(model, _image_batches(inputs, rows, batch_size, device), flip)
     return img, model.embed_text_features(encode_texts(model, texts, device, desc=desc)[0])
 
 
@@ -115,17 +128,21 @@ def _querybank(sim, bank_img, bank_txt, img, txt, beta: float, queries: str) -> 
 
 
 @torch.no_grad()
-def querybank_metrics(model: AlignmentModel, img, txt, owner, dev, bank, betas, device, batch_size) -> tuple[dict, dict]:
+def querybank_metrics(model: AlignmentModel, img, txt, owner, dev, bank, betas, device, batch_size,
+                      flip: bool = False) -> tuple[dict, dict]:
     """``evaluate.querybank_images``: the test metrics under query-bank normalisation (``qb_*``, and
     the inverse temperature of each direction, ``qb_beta_i2t``/``qb_beta_t2i``), each direction's
     beta chosen on the dev split (``dev``: inputs, captions) by its R@1 among 0 (the raw
-    similarities) and ``betas``; a tie keeps the smaller. ``bank``: ``querybank_split``.
+    similarities) and ``betas``; a tie keeps the smaller. ``bank``: ``querybank_split``; ``flip``: the
+    dev images are embedded as the test images were (``embed_image_batches``).
     -> (metrics, {direction: {beta: dev R@1}}, the t2i normalisation of each test image: its
     logsumexp over the bank captions, which text search subtracts (``search_offsets``))."""
-    bank_img, bank_txt = _embed(model, bank[0], bank[1], bank[2], device, batch_size, "query-bank captions")
+    # the bank's images stay single-view: flipping them too moved the best dev R@1 by 0.3 at twice the
+    # bank's cost (benchmarks/RESULTS.md, test_time_flip.py)
+    bank_img, bank_txt = _embed(model, bank[0], bank[1], bank[2], device, batch_size, "query-bank captions", False)
     dev_inputs, dev_captions = dev
     dev_img, dev_txt = _embed(model, dev_inputs, range(len(dev_captions)), [c for caps in dev_captions for c in caps],
-                              device, batch_size, "dev captions")
+                              device, batch_size, "dev captions", flip)
     dev_owner = torch.tensor([i for i, caps in enumerate(dev_captions) for _ in caps], device=device)
     dev_sim = dev_img @ dev_txt.t()
     chosen, tried = {}, {}
@@ -175,10 +192,11 @@ def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_
 
 @torch.no_grad()
 def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, batch_size, n_pictures, picture_path,
-                       seed, dev=None, bank=None, betas=()):
+                       seed, dev=None, bank=None, betas=(), flip: bool = False):
     """``dev``: (inputs, captions) of the dev split, on which ``reranker.combine: dev`` chooses the
     re-ranker's weight (``metrics["rerank_weight"]``) and query-bank normalisation its betas;
-    ``bank``: the query bank (``querybank_split``), None = no query-bank normalisation.
+    ``bank``: the query bank (``querybank_split``), None = no query-bank normalisation; ``flip``:
+    test-time flip of the images (``embed_image_batches``; pixel inputs only).
     -> (metrics, baselines, speed, None, search index of the test images: see ``score_test_split``)."""
     n = len(captions)  # the first n rows of ``inputs``
 
@@ -188,7 +206,7 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     t0 = time.perf_counter()
-    img = torch.cat([model.embed_images(model.image_tokens(b)) for b in image_batches()])
+    img = embed_image_batches(model, image_batches(), flip)
     keep_tokens = model.reranker is not None
     pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=keep_tokens, desc="embed captions")
     txt = model.embed_text_features(pooled)
@@ -199,7 +217,7 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     if bank is not None:
         if dev is None:
             raise ValueError("query-bank normalisation needs the dev split to choose its betas on")
-        qb, tried, offsets = querybank_metrics(model, img, txt, owner.to(device), dev, bank, betas, device, batch_size)
+        qb, tried, offsets = querybank_metrics(model, img, txt, owner.to(device), dev, bank, betas, device, batch_size, flip)
         metrics |= qb
         search_index |= {"qb_beta": qb["qb_beta_t2i"], "qb_offsets": offsets.cpu().numpy()}
         for q in ("i2t", "t2i"):
@@ -351,7 +369,7 @@ def score_test_split(name: str, model_dir: Path, raw: dict, test_dir: Path, test
             model, inputs, captions, paths, device, ecfg.batch_size, ecfg.picture_images, picture, tcfg.seed,
             dev=dev_split(cfg, str(own_splits), own_features_dir, querybank=bool(ecfg.querybank_images)),
             bank=querybank_split(cfg, str(own_splits), own_features_dir, ecfg.querybank_images, tcfg.seed)
-            if ecfg.querybank_images else None, betas=ecfg.querybank_betas)
+            if ecfg.querybank_images else None, betas=ecfg.querybank_betas, flip=ecfg.test_time_flip and pixels)
         search_index["image_ids"] = [str(i) for i in ids]  # the served search model's images
     else:  # baselines from the variant's own training split
         if own_features != test_features:
@@ -371,6 +389,8 @@ def score_test_split(name: str, model_dir: Path, raw: dict, test_dir: Path, test
               **(extra or {})}
     if cfg.family == "alignment" and cfg.reranker.top_k:
         result["rerank_top_k"] = cfg.reranker.top_k
+    if cfg.family == "alignment" and pixels:
+        result["test_time_flip"] = ecfg.test_time_flip  # which image embeddings the metrics (and the search index) are of
     if generated is not None:
         io.write_json(Path(metrics_dir) / f"{name}_captions.json", generated)
     io.write_json(Path(metrics_dir) / f"{name}.json", result)

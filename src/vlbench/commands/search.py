@@ -9,6 +9,7 @@ the normalised score the evaluation and the served search model rank by (``--raw
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def main(argv=None):
@@ -48,9 +49,11 @@ def main(argv=None):
                        f"{trained} (trained on features at image size)")
         feats, ids = load_features(features, a.split)
         paths = read_manifest(a.splits, a.split).set_index("image_id").loc[ids]["path"].tolist()
+    evaluated = _evaluation(s, a)
+    s.flip = bool(evaluated and evaluated.get("test_time_flip"))  # embed the images as the evaluation did
     s.index(feats, paths)
-    if a.variant and not a.raw:
-        _querybank(s, a, None if s.meta.get("input") == "pixels" else features)
+    if evaluated and not a.raw:
+        _querybank(s, a, evaluated, None if s.meta.get("input") == "pixels" else features)
     hits = s.search(a.query, a.top)
     for path, score in hits:
         print(f"{score:.4f}\t{path}")
@@ -61,27 +64,34 @@ def main(argv=None):
         print(f"gallery: {a.gallery}")
 
 
-def _querybank(s, a, features: str | None) -> None:
-    """Rank as the evaluate stage's t2i metrics did: with query-bank normalisation where it chose it
-    on dev, over the same bank (``vlbench.scoring.querybank_split``), for the model it evaluated."""
+def _evaluation(s, a) -> dict | None:
+    """The evaluate stage's result for this training of ``--variant`` (``<metrics>/<variant>.json``),
+    None without one."""
     import json
     import sys
-    from pathlib import Path
+
+    evaluated = Path(a.metrics) / f"{a.variant}.json"
+    if not a.variant or not evaluated.is_file():
+        return None
+    result = json.loads(evaluated.read_text())
+    if result.get("params") != s.meta.get("params"):
+        print(f"vlbench search: {evaluated} scored another training of {a.variant}; ranking by cosine", file=sys.stderr)
+        return None
+    return result
+
+
+def _querybank(s, a, result: dict, features: str | None) -> None:
+    """Rank as the evaluate stage's t2i metrics did (``result``: ``_evaluation``): with query-bank
+    normalisation where it chose it on dev, over the same bank (``vlbench.scoring.querybank_split``)."""
+    import sys
 
     import torch
 
     from ..params import load_params, section
     from ..scoring import querybank_split, search_offsets
 
-    evaluated = Path(a.metrics) / f"{a.variant}.json"
-    if not evaluated.is_file():
-        return
-    result = json.loads(evaluated.read_text())
     beta = result.get("metrics", {}).get("qb_beta_t2i", 0.0)
     if not beta:
-        return
-    if result.get("params") != s.meta.get("params"):
-        print(f"vlbench search: {evaluated} scored another training of {a.variant}; ranking by cosine", file=sys.stderr)
         return
     raw = load_params(a.params)
     n, seed = section(raw, "evaluate").querybank_images, section(raw, "train").seed
