@@ -217,8 +217,16 @@ def test_report_shows_the_selected_step():
                                                  "steps_trained": 1000, "steps": 1000, "stopped_early": False}},
                {"variant": "cap", "selection": {"metric": "cider", "step": 200, "value": 95.25, "evaluations": 5,
                                                 "steps_trained": 500, "steps": 800, "stopped_early": True}},
+               {"variant": "scst", "selection": {"metric": "cider", "step": 2600, "value": 45.5, "evaluations": 14,
+                                                 "steps_trained": 2000, "steps": 2000, "stopped_early": False,
+                                                 "scst_steps_trained": 800, "scst_steps": 800}},
+               {"variant": "scst_early", "selection": {"metric": "cider", "step": 2200, "value": 45.5, "evaluations": 12,
+                                                       "steps_trained": 2000, "steps": 2000, "stopped_early": False,
+                                                       "scst_steps_trained": 600, "scst_steps": 800}},
                {"variant": "old", "selection": None}]  # a model trained before selection existed
     lines = _selection(results)
     assert "| clip | dev rsum | 300 | 1000 | 412.500 | 10 |" in lines
     assert "| cap | dev cider | 200 | 500 of 800 (early stop) | 95.250 | 5 |" in lines
+    assert "| scst | dev cider | 2600 | 2000 + 800 SCST | 45.500 | 14 |" in lines
+    assert "| scst_early | dev cider | 2200 | 2000 + 600 SCST of 800 (early stop) | 45.500 | 12 |" in lines
     assert not any("| old |" in line for line in lines)

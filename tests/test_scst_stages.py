@@ -56,6 +56,8 @@ def test_scst_logs_its_reward_curve(prepared, straight):
     selected = json.loads((straight / "config.json").read_text())["selection"]
     best = max(float(r["value"]) for r in curve)
     assert selected["value"] == best and selected["step"] == min(int(r["step"]) for r in curve if float(r["value"]) == best)
+    # the cross-entropy steps and the SCST steps are both counted (the selected step may be past CE_STEPS)
+    assert (selected["steps_trained"], selected["scst_steps_trained"], selected["scst_steps"]) == (CE_STEPS, SCST_STEPS, SCST_STEPS)
 
 
 def test_scst_that_lowers_dev_cider_leaves_the_cross_entropy_model(prepared):

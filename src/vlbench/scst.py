@@ -97,7 +97,7 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
     first SCST step in logs and the curve; ``state``: the loaded resumable checkpoint (or None);
     ``save(scst_state)``: writes the checkpoint with it; ``evaluate(step)``: the train stage's dev
     evaluation, which updates ``selection``; ``name``: the variant, for the progress bar.
-    -> the curve rows of the SCST steps."""
+    -> (the curve rows of the SCST steps, how many SCST steps were trained)."""
     scfg = cfg.scst
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=cfg.optim.weight_decay)
@@ -122,7 +122,7 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
         return {"step": done, "optim": optimizer.state_dict(), "rng": rng.getstate(),
                 "generator": generator.get_state(), "rows": rows, "first_step": first_step}
 
-    t0 = time.perf_counter()
+    t0, done = time.perf_counter(), begin
     bar = tqdm(desc=f"SCST {name}".strip(), unit="step", initial=begin, total=scfg.steps)
     for s in range(begin, scfg.steps):
         idx = sorted(rng.sample(range(len(inputs)), min(scfg.batch_size, len(inputs))))
@@ -154,4 +154,4 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
             break
     bar.close()
     mlflow.log_metrics({"scst_seconds": time.perf_counter() - t0}, step=first_step + scfg.steps)
-    return rows
+    return rows, done

@@ -92,6 +92,9 @@ def _selection(results: list[dict]) -> list[str]:
     for r in rows:
         s = r["selection"]
         trained = f"{s['steps_trained']} of {s['steps']} (early stop)" if s["stopped_early"] else str(s["steps_trained"])
+        if s.get("scst_steps"):  # the SCST phase's steps follow the cross-entropy ones
+            scst = s["scst_steps_trained"]
+            trained += f" + {scst} SCST" + (f" of {s['scst_steps']} (early stop)" if scst < s["scst_steps"] else "")
         out.append(f"| {r['variant']} | dev {s['metric']} | {s['step']} | {trained} | {s['value']:.3f} | {s['evaluations']} |")
     return out + ["", "Each model is the weights of its best dev evaluation (train.eval_every), not of its last step.", ""]
 
