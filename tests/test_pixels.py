@@ -97,15 +97,23 @@ def pixel_project(tmp_path_factory):
     return d
 
 
-def _test_pixels(d, model, cfg):
+def _reloaded(d, name: str):
+    """The saved model of ``name`` (eval mode), its config, the test manifest, its images' pixels as
+    the model takes them, every test caption and each caption's image row."""
     import pandas as pd
     import torch
 
+    from vlbench.models.trained import load_trained
     from vlbench.runtime import load_image, to_tensor
 
+    model, cfg, _ = load_trained(d / "models" / name)
+    model.eval()
     test = pd.read_parquet(d / "data/splits/test.parquet")
     enc = model.image_encoder
-    return test, torch.stack([to_tensor(load_image(str(d / p), cfg.image_size), enc.mean, enc.std) for p in test["path"]])
+    pixels = torch.stack([to_tensor(load_image(str(d / p), cfg.image_size), enc.mean, enc.std) for p in test["path"]])
+    flat = [c for caps in test["captions"] for c in caps]
+    owner = [i for i, caps in enumerate(test["captions"]) for _ in caps]
+    return model, cfg, test, pixels, flat, owner
 
 
 def test_pixel_variant_trains_and_evaluates_without_features(pixel_project):
@@ -123,13 +131,7 @@ def test_pixel_variant_trains_and_evaluates_without_features(pixel_project):
     # the test images' pixels through its tuned encoder
     import torch
 
-    from vlbench.models.trained import load_trained
-
-    model, cfg, _ = load_trained(d / "models/clip_px")
-    model.eval()
-    test, pixels = _test_pixels(d, model, cfg)
-    flat = [c for caps in test["captions"] for c in caps]
-    owner = [i for i, caps in enumerate(test["captions"]) for _ in caps]
+    model, _, _, pixels, flat, owner = _reloaded(d, "clip_px")
     with torch.no_grad():
         image = model.embed_images(model.image_tokens(pixels))
         sim = (image @ model.embed_text_features(model.text_features(flat, "cpu")).T).tolist()
@@ -154,8 +156,6 @@ def test_test_time_flip_embeds_each_image_with_its_mirror_image(pixel_project):
     images by those embeddings, as the evaluation did."""
     import torch
 
-    from vlbench.models.trained import load_trained
-
     d = pixel_project
     params = yaml.safe_load((d / "params.yaml").read_text())
     params["evaluate"]["test_time_flip"] = True
@@ -164,11 +164,7 @@ def test_test_time_flip_embeds_each_image_with_its_mirror_image(pixel_project):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((d / "metrics_flip/clip_px.json").read_text())
     assert result["test_time_flip"] is True and json.loads((d / "metrics/clip_px.json").read_text())["test_time_flip"] is False
-    model, cfg, _ = load_trained(d / "models/clip_px")
-    model.eval()
-    test, pixels = _test_pixels(d, model, cfg)
-    flat = [c for caps in test["captions"] for c in caps]
-    owner = [i for i, caps in enumerate(test["captions"]) for _ in caps]
+    model, _, test, pixels, flat, owner = _reloaded(d, "clip_px")
     with torch.no_grad():
         single = model.embed_images(model.image_tokens(pixels))
         image = torch.nn.functional.normalize(single + model.embed_images(model.image_tokens(pixels.flip(-1))), dim=-1)
@@ -197,7 +193,6 @@ def test_image_top_tuning_trains_the_top_over_maps_computed_once(pixel_project, 
 
     from vlbench.inputs import FrozenBottom, Pixels
     from vlbench.models.registry import create_image_encoder
-    from vlbench.models.trained import load_trained
 
     d = pixel_project
     saved = load_file(str(d / "models/clip_top/model.safetensors"))
@@ -207,13 +202,10 @@ def test_image_top_tuning_trains_the_top_over_maps_computed_once(pixel_project, 
     pretrained = create_image_encoder("efficientnet_lite0").state_dict()
     head = "image_encoder.backbone.conv_head.weight"
     assert not torch.equal(saved[head], pretrained[head.removeprefix("image_encoder.")])  # training moved the top
-    model, cfg, _ = load_trained(d / "models/clip_top")
+    model, cfg, test, pixels, flat, owner = _reloaded(d, "clip_top")
     torch.testing.assert_close(model.image_encoder.backbone.conv_head.weight, saved[head])
-    test, pixels = _test_pixels(d, model, cfg)
     monkeypatch.chdir(d)  # the manifests' image paths are the project's
     maps = FrozenBottom(Pixels(d / "data/splits", "test", cfg.image_size, model.image_encoder), model, torch.device("cpu"), "test")
-    flat = [c for caps in test["captions"] for c in caps]
-    owner = [i for i, caps in enumerate(test["captions"]) for _ in caps]
     with torch.no_grad():
         tokens = model.image_tokens(pixels)
         torch.testing.assert_close(model.image_tokens(maps.batch(list(range(len(maps))))), tokens, atol=2e-2, rtol=1e-2)
