@@ -164,6 +164,10 @@ def test_test_time_flip_embeds_each_image_with_its_mirror_image(pixel_project):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((d / "metrics_flip/clip_px.json").read_text())
     assert result["test_time_flip"] is True and json.loads((d / "metrics/clip_px.json").read_text())["test_time_flip"] is False
+    from vlbench.stages.report import summarise
+
+    assert "| clip_px (test-time flip) |" in summarise([result])  # the report says which embeddings it scored
+    assert "test-time flip" not in summarise([json.loads((d / "metrics/clip_px.json").read_text())]).lower()
     model, _, test, pixels, flat, owner = _reloaded(d, "clip_px")
     with torch.no_grad():
         single = model.embed_images(model.image_tokens(pixels))

@@ -166,7 +166,8 @@ def summarise(results: list[dict], transfer: dict[str, dict[str, dict]] | None =
         rows = []
         for r in align:
             speed, mem = r["speed"], f"{r['speed']['peak_memory_mb']:.0f}"
-            rows.append((r["variant"], r["metrics"], f"{speed['ms_per_1000_queries']:.0f} ms", mem, _count(r)))
+            flip = " (test-time flip)" if r.get("test_time_flip") else ""  # evaluate.test_time_flip: a pixel variant's
+            rows.append((r["variant"] + flip, r["metrics"], f"{speed['ms_per_1000_queries']:.0f} ms", mem, _count(r)))
             if "reranked_rsum" in r["metrics"]:
                 reranked = {k.removeprefix("reranked_"): v for k, v in r["metrics"].items() if k.startswith("reranked_")}
                 k = r.get("rerank_top_k", "k")
@@ -182,7 +183,9 @@ def summarise(results: list[dict], transfer: dict[str, dict[str, dict]] | None =
         rows.append(("*chance*", r0["chance"], "", "", ""))
         lines += _table(RETRIEVAL_COLS, rows, speed_title="time / 1000 queries") + [""]
         lines += ["R@K in %, higher is better; median rank: lower is better. i2t: an image is a hit when any of its "
-                  "captions is in the top K. Time: embedding both sides and scoring, per 1000 queries (images + captions).", ""]
+                  "captions is in the top K. Time: embedding both sides and scoring, per 1000 queries (images + captions)."
+                  + (" Test-time flip: each image embedded as the mean of its and its mirror image's embeddings."
+                     if any(r.get("test_time_flip") for r in align) else ""), ""]
         lines += _against_references(align) + [""]
     if caps:
         r0 = caps[0]
