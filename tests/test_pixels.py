@@ -179,7 +179,7 @@ def test_test_time_flip_embeds_each_image_with_its_mirror_image(pixel_project):
     assert r.returncode == 0, r.stderr[-2000:]
     by_path = dict(zip(test["path"], (image @ text[0]).tolist()))
     printed = [line.split("\t") for line in r.stdout.splitlines() if "\t" in line]
-    assert len(printed) == len(test)
+    assert len(printed) == len(test) and "mirror image" in r.stderr
     assert [float(score) for score, _ in printed] == pytest.approx([by_path[p] for _, p in printed], abs=1e-4)
 
 

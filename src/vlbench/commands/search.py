@@ -5,6 +5,8 @@ variant, which tuned its encoder, the image files), prints path and score per hi
 writes a gallery PNG. The score is the cosine, or, where the evaluate stage chose query-bank
 normalisation for the variant's t2i ranking on dev (``qb_beta_t2i`` > 0 in metrics/<variant>.json),
 the normalised score the evaluation and the served search model rank by (``--raw``: the cosine).
+A pixel variant evaluated with ``evaluate.test_time_flip`` embeds each image with its mirror image,
+as its evaluation did.
 """
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ def main(argv=None):
     evaluated = _evaluation(s, a)
     s.flip = bool(evaluated and evaluated.get("test_time_flip"))  # embed the images as the evaluation did
     s.index(feats, paths)
+    if s.flip:
+        import sys
+
+        print("vlbench search: each image embedded with its mirror image, as the evaluation did (evaluate.test_time_flip)",
+              file=sys.stderr)
     if evaluated and not a.raw:
         _querybank(s, a, evaluated, None if s.meta.get("input") == "pixels" else features)
     hits = s.search(a.query, a.top)
