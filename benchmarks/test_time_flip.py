@@ -7,7 +7,7 @@
 
 Rows: the dev images single-view, mirrored, and the normalised mean of both (what
 ``evaluate.test_time_flip`` scores); for each, raw R@1 both ways and query-bank normalised R@1 (the
-best over the betas, as the evaluate stage chooses on dev) with banks of N training images, drawn
+best over the raw scores and the betas: ``vlbench.scoring.choose_beta``, the evaluate stage's choice) with banks of N training images, drawn
 as the evaluate stage draws them (``vlbench.scoring.querybank_split``, ``train.seed`` 0), their
 images single-view; the bank of ``--flipped-bank`` images is also tried with its images flipped and
 averaged like the queries. Everything here is the dev split: it chooses settings; the test split is
@@ -67,15 +67,6 @@ def compare(folders: list[str]) -> str:
     return "\n".join(lines)
 
 
-def best(sim, bank_sim, owner, direction: str) -> tuple[float, float]:
-    """(best query-bank normalised R@1 of ``direction`` over BETAS, its beta; the smaller on a tie)."""
-    from vlbench.metrics.retrieval import querybank_scores, retrieval_metrics
-
-    tried = {b: retrieval_metrics(querybank_scores(sim, bank_sim, b, direction), owner)[f"{direction}_R@1"] for b in BETAS}
-    beta = max(tried, key=lambda b: (tried[b], -b))
-    return tried[beta], beta
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a trained pixel dual encoder (models/<variant>)")
@@ -100,7 +91,7 @@ def main(argv=None):
     from vlbench.metrics.retrieval import retrieval_metrics
     from vlbench.models.trained import load_trained
     from vlbench.runtime import configure_threads
-    from vlbench.scoring import embed_image_batches, querybank_split
+    from vlbench.scoring import choose_beta, embed_image_batches, querybank_split
     from vlbench.training import encode_texts
 
     configure_threads()
@@ -137,15 +128,19 @@ def main(argv=None):
     flipped = images(train, banks[a.flipped_bank][0], True) if a.flipped_bank else None
     res = {"model": a.model, "dev_images": len(dev), "dev_captions": len(owner), "betas": BETAS, "banks": a.banks,
            "flipped_bank": a.flipped_bank, "seconds_per_1000_images": seconds, "rows": {}}
+    def best(sim, bank_img, bank_txt, img, direction):  # the evaluate stage's choice on dev: (R@1, beta)
+        beta, tried = choose_beta(sim, bank_img, bank_txt, img, txt, owner, BETAS, direction)
+        return tried[beta], beta
+
     for name, img in rows.items():
         sim = img @ txt.t()
         raw = retrieval_metrics(sim, owner)
         row = {"raw": {"i2t": raw["i2t_R@1"], "t2i": raw["t2i_R@1"]}, "bank": {}}
         for n, (_, bank_img, bank_txt) in banks.items():
-            (i2t, bi), (t2i, bt) = best(sim, bank_img @ txt.t(), owner, "i2t"), best(sim, bank_txt @ img.t(), owner, "t2i")
+            (i2t, bi), (t2i, bt) = best(sim, bank_img, bank_txt, img, "i2t"), best(sim, bank_img, bank_txt, img, "t2i")
             row["bank"][str(n)] = {"i2t": i2t, "t2i": t2i, "beta_i2t": bi, "beta_t2i": bt}
         if flipped is not None and name.startswith("mean"):
-            i2t, bi = best(sim, flipped @ txt.t(), owner, "i2t")  # t2i's bank is captions: unchanged
+            i2t, bi = best(sim, flipped, banks[a.flipped_bank][2], img, "i2t")  # t2i's bank is captions: unchanged
             row["flipped_bank"] = {"i2t": i2t, "beta_i2t": bi}
         res["rows"][name] = row
     print(table(res))

@@ -127,6 +127,14 @@ def _querybank(sim, bank_img, bank_txt, img, txt, beta: float, queries: str) -> 
     return querybank_scores(sim, bank_sim, beta, queries)
 
 
+def choose_beta(sim, bank_img, bank_txt, img, txt, owner, betas, queries: str) -> tuple[float, dict[float, float]]:
+    """One direction's query-bank beta: the best R@1 of ``sim`` (the dev split) among 0 (the raw
+    similarities) and ``betas``; a tie keeps the smaller. -> (beta, {beta: R@1})."""
+    tried = {b: retrieval_metrics(_querybank(sim, bank_img, bank_txt, img, txt, b, queries), owner)[f"{queries}_R@1"]
+             for b in (0.0, *betas)}
+    return max(tried, key=lambda b: (tried[b], -b)), tried
+
+
 @torch.no_grad()
 def querybank_metrics(model: AlignmentModel, img, txt, owner, dev, bank, betas, device, batch_size,
                       flip: bool = False) -> tuple[dict, dict]:
@@ -147,9 +155,7 @@ def querybank_metrics(model: AlignmentModel, img, txt, owner, dev, bank, betas, 
     dev_sim = dev_img @ dev_txt.t()
     chosen, tried = {}, {}
     for q in ("i2t", "t2i"):
-        tried[q] = {b: retrieval_metrics(_querybank(dev_sim, bank_img, bank_txt, dev_img, dev_txt, b, q),
-                                         dev_owner)[f"{q}_R@1"] for b in (0.0, *betas)}
-        chosen[q] = max(tried[q], key=lambda b: (tried[q][b], -b))
+        chosen[q], tried[q] = choose_beta(dev_sim, bank_img, bank_txt, dev_img, dev_txt, dev_owner, betas, q)
     sim = img @ txt.t()
     metrics = both_ways(_querybank(sim, bank_img, bank_txt, img, txt, chosen["i2t"], "i2t"),
                         _querybank(sim, bank_img, bank_txt, img, txt, chosen["t2i"], "t2i"), owner)

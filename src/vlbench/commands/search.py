@@ -77,8 +77,10 @@ def _evaluation(s, a) -> dict | None:
     import json
     import sys
 
+    if not a.variant:
+        return None
     evaluated = Path(a.metrics) / f"{a.variant}.json"
-    if not a.variant or not evaluated.is_file():
+    if not evaluated.is_file():
         return None
     result = json.loads(evaluated.read_text())
     if result.get("params") != s.meta.get("params"):

@@ -166,7 +166,7 @@ def summarise(results: list[dict], transfer: dict[str, dict[str, dict]] | None =
         rows = []
         for r in align:
             speed, mem = r["speed"], f"{r['speed']['peak_memory_mb']:.0f}"
-            flip = " (test-time flip)" if r.get("test_time_flip") else ""  # evaluate.test_time_flip: a pixel variant's
+            flip = " (test-time flip)" if r.get("test_time_flip") else ""  # evaluate.test_time_flip (pixel variants)
             rows.append((r["variant"] + flip, r["metrics"], f"{speed['ms_per_1000_queries']:.0f} ms", mem, _count(r)))
             if "reranked_rsum" in r["metrics"]:
                 reranked = {k.removeprefix("reranked_"): v for k, v in r["metrics"].items() if k.startswith("reranked_")}

@@ -279,7 +279,7 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                             "selected_step": selection.best_step})
         if selection.weights is not None:  # the best evaluation's weights, not the last step's
             model.load_state_dict(selection.weights, strict=False)
-        scst_rows, scst_done = [], 0  # self-critical CIDEr-D training after the cross-entropy steps (vlbench/scst.py), rank 0 only
+        scst_rows, scst_steps = [], {}  # self-critical CIDEr-D training after the cross-entropy steps (vlbench/scst.py), rank 0 only
         if cfg.family == "captioning" and cfg.scst.steps:
             scst_rows, scst_done = run_scst(model, cfg, inputs, captions, device, mlflow, first_step=done, seed=tcfg.seed,
                                  state=state, amp=amp, scaler=scaler,
@@ -287,9 +287,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                                  checkpoint_every=tcfg.checkpoint_every, evaluate=validate, selection=selection,
                                  eval_every=eval_every, name=name)
             model.load_state_dict(selection.weights, strict=False)  # the best dev evaluation of either phase
-        selected = selection.summary(done, cfg.optim.steps)
-        if cfg.family == "captioning" and cfg.scst.steps:  # the selected step may lie in the SCST phase
-            selected |= {"scst_steps_trained": scst_done, "scst_steps": cfg.scst.steps}
+            scst_steps = {"scst_steps_trained": scst_done, "scst_steps": cfg.scst.steps}  # the selected step may lie here
+        selected = selection.summary(done, cfg.optim.steps) | scst_steps
         save_trained(model, out_dir, name, variant_params(raw, name), {**extra, "selection": selected})
         with io.atomic_path(curves) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", *(["scst_reward", "scst_baseline"] if scst_rows else [])])
