@@ -119,19 +119,22 @@ def _embed(model: AlignmentModel, inputs, rows, texts: list[str], device, batch_
     return img, model.embed_text_features(encode_texts(model, texts, device, desc=desc)[0])
 
 
-def _querybank(sim, bank_img, bank_txt, img, txt, beta: float, queries: str) -> torch.Tensor:
+def _bank_sim(bank_img, bank_txt, img, txt, queries: str) -> torch.Tensor:
+    """The bank's similarities that query-bank normalisation of one direction needs: the bank images
+    against the captions (i2t) or the bank captions against the images (t2i)."""
+    return bank_img @ txt.t() if queries == "i2t" else bank_txt @ img.t()
+
+
+def _querybank(sim, bank_sim, beta: float, queries: str) -> torch.Tensor:
     """One direction's scores under query-bank normalisation; beta 0 = the raw similarities."""
-    if beta == 0:
-        return sim
-    bank_sim = bank_img @ txt.t() if queries == "i2t" else bank_txt @ img.t()
-    return querybank_scores(sim, bank_sim, beta, queries)
+    return sim if beta == 0 else querybank_scores(sim, bank_sim, beta, queries)
 
 
 def choose_beta(sim, bank_img, bank_txt, img, txt, owner, betas, queries: str) -> tuple[float, dict[float, float]]:
     """One direction's query-bank beta: the best R@1 of ``sim`` (the dev split) among 0 (the raw
     similarities) and ``betas``; a tie keeps the smaller. -> (beta, {beta: R@1})."""
-    tried = {b: retrieval_metrics(_querybank(sim, bank_img, bank_txt, img, txt, b, queries), owner)[f"{queries}_R@1"]
-             for b in (0.0, *betas)}
+    bank_sim = _bank_sim(bank_img, bank_txt, img, txt, queries)  # one product for every beta
+    tried = {b: retrieval_metrics(_querybank(sim, bank_sim, b, queries), owner)[f"{queries}_R@1"] for b in (0.0, *betas)}
     return max(tried, key=lambda b: (tried[b], -b)), tried
 
 
@@ -157,8 +160,8 @@ def querybank_metrics(model: AlignmentModel, img, txt, owner, dev, bank, betas, 
     for q in ("i2t", "t2i"):
         chosen[q], tried[q] = choose_beta(dev_sim, bank_img, bank_txt, dev_img, dev_txt, dev_owner, betas, q)
     sim = img @ txt.t()
-    metrics = both_ways(_querybank(sim, bank_img, bank_txt, img, txt, chosen["i2t"], "i2t"),
-                        _querybank(sim, bank_img, bank_txt, img, txt, chosen["t2i"], "t2i"), owner)
+    metrics = both_ways(*(_querybank(sim, _bank_sim(bank_img, bank_txt, img, txt, q), chosen[q], q) for q in ("i2t", "t2i")),
+                        owner)
     out = {f"qb_{k}": v for k, v in metrics.items()}
     offsets = search_offsets(bank_txt, img, chosen["t2i"])
     return out | {"qb_beta_i2t": float(chosen["i2t"]), "qb_beta_t2i": float(chosen["t2i"])}, tried, offsets
