@@ -176,3 +176,27 @@ def test_reranker_params_are_validated(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     r = run_cli(["check"], cwd=tmp_path)
     assert r.returncode == 2 and "variants.clip.reranker.heads" in r.stderr
+
+
+@torch.no_grad()
+def test_cached_token_states_equal_each_caption_encoded_alone():
+    # the re-ranker's text cache encodes captions in batches padded to their longest and fills the
+    # rest to max_text_len with masked zeros: every caption's states and pooled feature must be what
+    # it gets encoded on its own, and every caption's padding must be masked out
+    from vlbench.models.variants import build_variant, create_variant_model
+    from vlbench.training import encode_texts
+
+    cfg = build_variant("t", {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0",
+                              "text_encoder": "minilm_l6", "text_pooling": "mean", "max_text_len": 24,
+                              "reranker": {"top_k": 2, "d_model": 16, "layers": 1, "heads": 2}})
+    model = create_variant_model(cfg, 8, 4).eval()
+    texts = ["a dog", "a man in a red shirt rides a bike down a steep hill in the rain", "a dog",
+             "two children play on the beach near the water"]
+    pooled, tokens, masks = encode_texts(model, texts, "cpu", batch_size=2, keep_tokens=True)
+    assert tokens.shape[:2] == masks.shape == (4, 24)
+    for k, text in enumerate(texts):
+        alone, mask = model.text_tokens([text], "cpu")
+        n = int(mask.sum())
+        assert int(masks[k].sum()) == n and masks[k, n:].sum() == 0
+        torch.testing.assert_close(tokens[k, :n], alone[0, :n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pooled[k], model.pool_text(alone, mask)[0], atol=1e-4, rtol=1e-4)
