@@ -181,8 +181,8 @@ def test_reranker_params_are_validated(tmp_path):
 @torch.no_grad()
 def test_cached_token_states_equal_each_caption_encoded_alone():
     # the re-ranker's text cache encodes captions in batches padded to their longest and fills the
-    # rest to max_text_len with masked zeros: every caption's states and pooled feature must be what
-    # it gets encoded on its own, and every caption's padding must be masked out
+    # rest to max_text_len with zeros: every caption's states and pooled feature must be what it gets
+    # encoded on its own, and everything past its own end must be masked out
     from vlbench.models.variants import build_variant, create_variant_model
     from vlbench.training import encode_texts
 

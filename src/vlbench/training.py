@@ -67,7 +67,7 @@ def encode_texts(model: AlignmentModel, texts: list[str], device, batch_size: in
         rows = order[s : s + batch_size]
         t, m = model.text_tokens([distinct[i] for i in rows], device)  # padded to the batch's longest only
         p = model.pool_text(t, m)
-        if keep_tokens:  # zero states past each caption's end, masked out: 1.7x faster than encoding the padding
+        if keep_tokens:  # zeros past the batch's longest caption (masked out, as its padding is): 1.7x faster than encoding them
             extra = model.cfg.max_text_len - t.shape[1]
             t, m = F.pad(t, (0, 0, 0, extra)), F.pad(m, (0, extra))
         for k, i in enumerate(rows):
