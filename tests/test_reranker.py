@@ -70,13 +70,18 @@ def test_dev_weight_follows_what_the_matcher_is_worth():
 
     oracle = top_k_scores(sim, 2, lambda i, c: 8.0 * (owner[c] == i).float())
     w, tried = pick_rerank_weight(sim, oracle, owner, order_for)
-    assert list(tried) == list(DEV_WEIGHTS) and w > 0 and tried[w] > tried[0.0]
-    # the first weight that fixes every fixable query: caption c2's own image trails by 0.3 (x10 = 3),
-    # which 0.25 x 8 does not outweigh and 0.5 x 8 does (the 0.1 gaps of img0 and img1 give way at 0.25)
-    assert w == 0.5 and tried[0.25] < tried[0.5] == max(tried.values())
+    assert all(list(tried[d]) == list(DEV_WEIGHTS) for d in ("i2t", "t2i"))
+    # each direction its own first weight that fixes every fixable query: img0's and img1's own
+    # captions trail by 0.1 (x10 = 1), which 0.1 x 8 does not outweigh and 0.25 x 8 does; caption
+    # c2's own image trails by 0.3 (x10 = 3), which needs 0.5 x 8
+    assert w == {"i2t": 0.25, "t2i": 0.5}
+    assert tried["i2t"][0.1] < tried["i2t"][0.25] == max(tried["i2t"].values())
+    assert tried["t2i"][0.25] < tried["t2i"][0.5] == max(tried["t2i"].values())
     liar = top_k_scores(sim, 2, lambda i, c: 8.0 * (owner[c] != i).float())  # prefers the wrong pair
     w, tried = pick_rerank_weight(sim, liar, owner, order_for)
-    assert w == 0.0 and tried[0.0] == max(tried.values()) and tried[4.0] < tried[0.0]
+    assert w == {"i2t": 0.0, "t2i": 0.0}
+    assert all(tried[d][0.0] == max(tried[d].values()) for d in ("i2t", "t2i"))
+    assert tried["t2i"][4.0] < tried["t2i"][0.0]  # caption c0's own image, first, falls behind img1
 
 
 def test_hard_negatives_are_never_the_matched_pair_and_follow_similarity():
@@ -89,10 +94,51 @@ def test_hard_negatives_are_never_the_matched_pair_and_follow_similarity():
         assert neg_text[0] == 3 and neg_image[0] == 3
 
 
-@pytest.fixture(scope="module")
-def reranked_project(tmp_path_factory):
+@torch.no_grad()
+def test_scan_scores_words_and_regions_against_what_they_attend_to():
+    # SCAN's score, one pair and one word (region) at a time: each word's softmax attention over the
+    # regions, its cosine with the attended vector, the mean over the caption's own words; the same
+    # from each region over the caption's own words; the two averaged
+    from vlbench.models.reranker import RerankerConfig, ScanMatcher, scan_loss
+
+    g = torch.Generator().manual_seed(0)
+    matcher = ScanMatcher(6, 5, 4, RerankerConfig(top_k=3, kind="scan", d_model=8))
+    tokens, grid = torch.randn(3, 5, 6, generator=g), torch.randn(2, 4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).float()
+    text, m, image = matcher.project(tokens, mask, grid)
+
+    def naive(i, j):
+        words = torch.nn.functional.normalize(matcher.text_in(tokens[j, : int(mask[j].sum())]), dim=-1)
+        regions = torch.nn.functional.normalize(matcher.image_in(grid[i]), dim=-1)
+        lam = matcher.attention_scale.exp()
+        text_to_image = image_to_text = 0.0
+        for w in words:
+            a = torch.softmax(lam * (regions @ w), 0)
+            text_to_image += torch.nn.functional.cosine_similarity(w, a @ regions, dim=0) / len(words)
+        for r in regions:
+            a = torch.softmax(lam * (words @ r), 0)
+            image_to_text += torch.nn.functional.cosine_similarity(r, a @ words, dim=0) / len(regions)
+        return matcher.logit_scale.exp() * (text_to_image + image_to_text) / 2
+
+    expected = torch.tensor([[naive(i, j) for j in range(3)] for i in range(2)])
+    assert torch.allclose(matcher.pairwise(text, m, image), expected, atol=1e-5)
+    i, j = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1])
+    assert torch.allclose(matcher.score(text[j], m[j], image[i]), expected[i, j], atol=1e-5)
+    # the loss: InfoNCE over all pairs both ways, entries the dual encoder masked (-inf) left out
+    logits = torch.zeros(3, 3)
+    logits[0, 2] = float("-inf")
+    scores = torch.tensor([[naive(i % 2, j) for j in range(3)] for i in range(3)])  # pair 2 shows image 0 again
+    scores[0, 2] = float("-inf")
+    ce = torch.nn.functional.cross_entropy
+    reference = (ce(scores, torch.arange(3)) + ce(scores.t(), torch.arange(3))) / 2
+    got = scan_loss(matcher, logits, tokens, mask, grid[[0, 1, 0]])
+    assert got.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module", params=["fusion", "scan"])
+def reranked_project(tmp_path_factory, request):
     variants = {"clip_rr": {"family": "alignment", "model": "dual_encoder", "image_encoder": "efficientnet_lite0",
-                            "reranker": {"top_k": 5, "d_model": 64, "layers": 1},
+                            "reranker": {"top_k": 5, "d_model": 64, "layers": 1, "kind": request.param},
                             "optim": {"steps": 40, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2, "log_every": 5}}}
     d = prepare_features(tmp_path_factory.mktemp("rerank"), tiny_params(n_images=60, variants=variants))
     for args in (["train", "--variant", "clip_rr", "--features", "data/features/efficientnet_lite0"],
@@ -128,7 +174,7 @@ def test_reranked_variant_reports_both_recalls_and_its_cost(reranked_project):
         def match(i, j):  # the re-ranker's score of image i with caption j
             n = int(mask[j].sum())
             itm = model.reranker(tokens[j : j + 1, :n], mask[j : j + 1, :n], grid[i : i + 1]).item()
-            weight = m["rerank_weight"]  # combine: dev, the weight chosen on the dev split
+            weight = m[f"rerank_weight_{direction}"]  # combine: dev, each direction's weight chosen on the dev split
             return weight * itm + model.scale().item() * sim[i][j]
 
         def candidates(i=None, j=None):  # (image, caption) pairs of one query, best first by similarity
@@ -157,7 +203,7 @@ def test_reranked_variant_reports_both_recalls_and_its_cost(reranked_project):
     assert result["rerank_top_k"] == 5
     from vlbench.models.reranker import DEV_WEIGHTS
 
-    assert m["rerank_weight"] in DEV_WEIGHTS  # reranker.combine: dev (the default)
+    assert m["rerank_weight_i2t"] in DEV_WEIGHTS and m["rerank_weight_t2i"] in DEV_WEIGHTS  # reranker.combine: dev (the default)
     rp = result["random_projection"]
     assert set(rp) >= {"i2t_R@1", "t2i_R@10", "rsum"}
     summary = (reranked_project / "metrics/summary.md").read_text()
@@ -168,6 +214,7 @@ def test_reranked_variant_reports_both_recalls_and_its_cost(reranked_project):
 
     model, cfg, _ = load_trained(reranked_project / "models/clip_rr")
     assert model.reranker is not None and cfg.reranker.top_k == 5
+    assert type(model.reranker).__name__ == {"fusion": "CrossAttentionReranker", "scan": "ScanMatcher"}[cfg.reranker.kind]
 
 
 def test_reranker_params_are_validated(tmp_path):
@@ -176,6 +223,10 @@ def test_reranker_params_are_validated(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     r = run_cli(["check"], cwd=tmp_path)
     assert r.returncode == 2 and "variants.clip.reranker.heads" in r.stderr
+    params["variants"]["clip"]["reranker"] = {"top_k": 5, "kind": "colbert"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = run_cli(["check"], cwd=tmp_path)
+    assert r.returncode == 2 and "variants.clip.reranker.kind" in r.stderr
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ OPTIONS = {  # per model: the options that change its structure (each model also
         "full-cls-linear": {"text_tuning": "full", "text_pooling": "cls", "head": "linear"},
         "lora": {"text_tuning": "lora", "lora": {"r": 4, "alpha": 8}},
         "reranker": {"reranker": {"top_k": 4, "d_model": 64, "layers": 1}},
+        "reranker-scan": {"reranker": {"top_k": 4, "d_model": 64, "kind": "scan"}},
         "longformer": {"text_encoder": "longformer_minilm", "attention_window": 8, "text_pooling": "cls"},
         "attention-multi_positive-hard": {"image_pooling": "attention", "loss": "multi_positive", "hard_negative_beta": 0.5},
         "gem-vse": {"image_pooling": "gem", "loss": "vse_max_violation"},

@@ -176,19 +176,22 @@ def search_offsets(bank_txt: torch.Tensor, img: torch.Tensor, beta: float) -> to
     return querybank_offsets(bank_txt @ img.t(), beta)
 
 
-def pick_rerank_weight(sim, scores, owner, order_for) -> tuple[float, dict[float, float]]:
-    """The weight w (DEV_WEIGHTS) whose order ``order_for(w)`` of each query's top-k (``scores``:
-    ``top_k_scores``) gives the best i2t R@1 + t2i R@1; the first best, so a tie keeps the smaller
-    weight (w = 0: the dual encoder's own order). -> (w, {w: i2t R@1 + t2i R@1})."""
-    tried = {}
+def pick_rerank_weight(sim, scores, owner, order_for) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
+    """For each direction the weight w (DEV_WEIGHTS) whose order ``order_for(w)`` of each query's
+    top-k (``scores``: ``top_k_scores``) gives the best R@1; the first best, so a tie keeps the smaller
+    weight (w = 0: the dual encoder's own order). As query-bank normalisation's betas, one per
+    direction: ranking captions for an image and images for a caption are two tasks, and a matcher
+    can be worth more in one. -> ({direction: w}, {direction: {w: R@1}})."""
+    tried = {"i2t": {}, "t2i": {}}
     for w in DEV_WEIGHTS:
         i2t_sim, t2i_sim = reorder_top_k(sim, scores, order_for(w))
-        tried[w] = retrieval_metrics(i2t_sim, owner)["i2t_R@1"] + retrieval_metrics(t2i_sim, owner)["t2i_R@1"]
-    return max(tried, key=lambda w: (tried[w], -w)), tried
+        tried["i2t"][w] = retrieval_metrics(i2t_sim, owner)["i2t_R@1"]
+        tried["t2i"][w] = retrieval_metrics(t2i_sim, owner)["t2i_R@1"]
+    return {d: max(t, key=lambda w: (t[w], -w)) for d, t in tried.items()}, tried
 
 
 @torch.no_grad()
-def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_size) -> tuple[float, dict[float, float]]:
+def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_size) -> tuple[dict, dict]:
     """``reranker.combine: dev``: ``pick_rerank_weight`` on the dev split (``inputs``, ``captions``: its rows)."""
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], device=device)
@@ -203,7 +206,7 @@ def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_
 def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, batch_size, n_pictures, picture_path,
                        seed, dev=None, bank=None, betas=(), flip: bool = False):
     """``dev``: (inputs, captions) of the dev split, on which ``reranker.combine: dev`` chooses the
-    re-ranker's weight (``metrics["rerank_weight"]``) and query-bank normalisation its betas;
+    re-ranker's weights (``metrics["rerank_weight_i2t"]``, ``_t2i``) and query-bank normalisation its betas;
     ``bank``: the query bank (``querybank_split``), None = no query-bank normalisation; ``flip``:
     test-time flip of the images (``embed_image_batches``; pixel inputs only).
     -> (metrics, baselines, speed, None, search index of the test images: see ``score_test_split``)."""
@@ -235,18 +238,19 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
     # one query = one caption (t2i) or one image (i2t); the cost is embedding both sides + one matmul
     speed = {"queries_per_s": len(flat) / seconds, "ms_per_1000_queries": seconds / (len(flat) + n) * 1e6}
     if keep_tokens:
-        weight = 1.0  # combine: sum
+        weights = {"i2t": 1.0, "t2i": 1.0}  # combine: sum
         if model.cfg.reranker.combine == "dev":
             if dev is None:
                 raise ValueError("reranker.combine: dev needs the dev split to choose the re-ranker's weight on")
-            weight, tried = choose_rerank_weight(model, *dev, device, batch_size)
-            metrics["rerank_weight"] = weight
-            print("re-ranker weight chosen on dev: " + ", ".join(
-                f"{'*' if w == weight else ''}w={w:g}: i2t+t2i R@1 {v:.1f}" for w, v in tried.items()), file=sys.stderr)
+            weights, tried = choose_rerank_weight(model, *dev, device, batch_size)
+            for d in ("i2t", "t2i"):
+                metrics[f"rerank_weight_{d}"] = weights[d]
+                print(f"re-ranker weight ({d}) chosen on dev: " + ", ".join(
+                    f"{'*' if w == weights[d] else ''}{w:g}: R@1 {v:.1f}" for w, v in tried[d].items()), file=sys.stderr)
         image_tokens = torch.cat([model.image_tokens(b) for b in image_batches()])
         t0 = time.perf_counter()
         i2t_sim, t2i_sim = reorder_top_k(sim, _rerank_scores(model, sim, tokens, masks, image_tokens),
-                                         _rerank_order(model, weight))
+                                         {d: _rerank_order(model, w) for d, w in weights.items()})
         rerank_seconds = time.perf_counter() - t0
         reranked = both_ways(i2t_sim, t2i_sim, owner.to(device))
         metrics |= {f"reranked_{k}": v for k, v in reranked.items()}

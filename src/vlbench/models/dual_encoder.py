@@ -17,7 +17,7 @@ from .contrastive import max_violation_loss, multi_positive_loss, same_image
 from .pooling import image_pool, pool_tokens
 from .registry import (IMAGE_STAGES, TEXT_LAYERS, check_image_encoder, check_text_encoder, create_image_encoder, create_text_encoder,
                        gives_cnn_grid)
-from .reranker import CrossAttentionReranker, RerankerConfig, itm_loss
+from .reranker import RerankerConfig, create_reranker, itm_loss, scan_loss
 from .variant_registry import register_variant
 
 
@@ -217,7 +217,7 @@ class DualEncoder(nn.Module):
         self.logit_scale.requires_grad_(cfg.loss != "vse_max_violation")  # VSE++ compares cosines to a margin
         self.reranker = None
         if cfg.reranker.top_k:
-            self.reranker = CrossAttentionReranker(text_encoder.dim, image_dim, n_grid, cfg.reranker)
+            self.reranker = create_reranker(text_encoder.dim, image_dim, n_grid, cfg.reranker)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE)
@@ -314,7 +314,8 @@ class DualEncoder(nn.Module):
             if image_ids is not None and self.cfg.captions_per_image > 1:  # no other caption of the image as a negative
                 logits = logits.masked_fill(same_image(image_ids) & ~torch.eye(len(logits), dtype=torch.bool,
                                                                                 device=logits.device), float("-inf"))
-            loss = loss + self.cfg.reranker.itm_weight * itm_loss(self.reranker, logits, text_tokens, text_mask, image_tokens)
+            matching = scan_loss if self.cfg.reranker.kind == "scan" else itm_loss
+            loss = loss + self.cfg.reranker.itm_weight * matching(self.reranker, logits, text_tokens, text_mask, image_tokens)
         return loss
 
     def contrast(self, img: torch.Tensor, txt: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .reranker import CrossAttentionReranker
+from .reranker import CrossAttentionReranker, ScanMatcher
 
 
 @runtime_checkable
@@ -19,7 +19,7 @@ class AlignmentModel(Protocol):
 
     cfg: object  # the variant's validated params
     image_encoder: torch.nn.Module | None  # None: it reads cached token grids; else pixels, through this encoder
-    reranker: CrossAttentionReranker | None  # re-orders each query's top-k when present
+    reranker: CrossAttentionReranker | ScanMatcher | None  # re-orders each query's top-k when present
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Cached token grids pass through; pixels go through the model's image encoder."""

@@ -1,13 +1,22 @@
-"""Cross-attention re-ranker: an image-text matching (ITM) head over caption tokens that attend to
-the image's grid tokens.
+"""Cross-attention re-rankers: matchers over caption tokens and the image's grid tokens that re-order
+the dual encoder's top-k candidates.
 
 A cross-encoder must see every (image, caption) pair it scores, so scoring a whole test set would
 cost n_images x n_captions forward passes. As in ALBEF/BLIP it only re-orders the dual encoder's
-top-k candidates per query, and it is trained on in-batch hard negatives drawn from the dual
-encoder's similarities (the pairs it will actually be asked to separate).
+top-k candidates per query. Two matchers (``reranker.kind``):
+
+- ``fusion``: ALBEF/BLIP's image-text matching (ITM) head on a small transformer whose caption
+  tokens cross-attend to the image; trained on in-batch hard negatives drawn from the dual
+  encoder's similarities (the pairs it will actually be asked to separate). A transformer pass per
+  pair makes each pair dear, so it sees three pairs per caption and step.
+- ``scan``: stacked cross attention (SCAN, Lee et al. 2018, text-to-image): each word attends over
+  the image's grid, and the pair's score is the words' mean cosine with what they attended to. One
+  attention per pair and no transformer, so it is trained on every pair of the batch (B x B, an
+  InfoNCE loss like the dual encoder's) rather than on 3B.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +36,7 @@ class RerankerConfig:
     """Cross-attention re-ranker with an image-text matching head (``top_k: 0`` = none)."""
 
     top_k: int = 0  # candidates per query the cross-encoder re-orders
+    kind: Literal["fusion", "scan"] = "fusion"  # the matcher (module docstring); layers, heads: fusion only
     d_model: int = 128
     layers: int = 2
     heads: int = 4
@@ -34,7 +44,7 @@ class RerankerConfig:
     itm_weight: float = 1.0  # matching loss weight next to the contrastive loss
     # the score that orders the top-k: the matching logit alone (ALBEF/BLIP); the dual encoder's
     # logit plus it (sum); or the dual encoder's logit plus w x it, w chosen on the dev split from
-    # DEV_WEIGHTS for the best i2t R@1 + t2i R@1 (dev: the evaluate stage does it; w = 0 keeps the
+    # DEV_WEIGHTS for each direction's best R@1 (dev: the evaluate stage does it; w = 0 keeps the
     # dual encoder's order, so re-ranking never costs dev R@1)
     combine: Literal["itm", "sum", "dev"] = "dev"
 
@@ -73,6 +83,73 @@ class CrossAttentionReranker(nn.Module):
 
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         return self.score(*self.project(text_tokens, text_mask, image_tokens))
+
+
+class ScanMatcher(nn.Module):
+    """SCAN's matcher, both attention directions averaged (its best: t-i + i-t). Text-to-image: word w
+    attends over grid regions r with weights softmax_r(lambda x cos(t_w, v_r)) and scores its cosine
+    with what it attended to, averaged over the caption's words; image-to-text likewise with each
+    region attending over the words, averaged over the regions. Times a learned logit scale (SCAN:
+    lambda = 9 and a margin loss; here lambda is learned and the loss is InfoNCE)."""
+
+    def __init__(self, text_dim: int, image_dim: int, n_grid: int, cfg):
+        super().__init__()
+        self.text_in = nn.Linear(text_dim, cfg.d_model)
+        self.image_in = nn.Linear(image_dim, cfg.d_model)
+        self.attention_scale = nn.Parameter(torch.tensor(math.log(9.0)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def project(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor):
+        """Normalised word and region vectors, once per caption and image; captions trimmed to the longest."""
+        n = int(text_mask.sum(1).max())
+        text = F.normalize(self.text_in(text_tokens[:, :n].float()), dim=-1)
+        return text, text_mask[:, :n], F.normalize(self.image_in(image_tokens.float()), dim=-1)
+
+    def _score(self, cos: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor, pairs: str):
+        """``cos`` [*pairs, words, regions]; ``pairs`` "b" (aligned pairs: text, mask, image [B, ...]) or
+        "ij" (every pair: image [I, ...], text and mask [J, ...]) names its leading dimensions.
+        cos(t_w, sum_r a_r v_r) = sum_r a_r cos(t_w, v_r) / |sum_r a_r v_r|, and the squared norm is
+        a^T (V V^T) a: the attended vectors themselves ([*pairs, words, d], [*pairs, regions, d]) are
+        never formed, which made a B x B batch ten times dearer."""
+        txt, img = ("b", "b") if pairs == "b" else ("j", "i")
+        lam = self.attention_scale.exp()
+        m = mask.float()[None] if pairs == "ij" else mask.float()  # [*pairs or 1, words]
+
+        def cosine(att, gram, spec):  # cos with the attended vector, from the weights and the Gram matrix
+            norm2 = (torch.einsum(spec, att, gram) * att).sum(-1 if spec.endswith("s") else -2)
+            return (att * cos).sum(-1 if spec.endswith("s") else -2) / norm2.clamp_min(1e-12).sqrt()
+
+        words = (cos * lam).softmax(-1)  # each word over the regions
+        text_to_image = cosine(words, image @ image.transpose(1, 2), f"{pairs}wr,{img}rs->{pairs}ws")
+        text_to_image = (text_to_image * m).sum(-1) / m.sum(-1)
+        regions = (cos * lam).masked_fill(m[..., None] == 0, float("-inf")).softmax(-2)  # each region over the caption's words
+        image_to_text = cosine(regions, text @ text.transpose(1, 2), f"{pairs}wr,{txt}wv->{pairs}vr").mean(-1)
+        return self.logit_scale.exp() * (text_to_image + image_to_text) / 2
+
+    def score(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Match logits [B] for B aligned pairs of projected (caption, image) tokens."""
+        return self._score(torch.einsum("bwd,brd->bwr", text, image), text, text_mask, image, "b")
+
+    def pairwise(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Match logits [n_images, n_captions] of every pair."""
+        return self._score(torch.einsum("jwd,ird->ijwr", text, image), text, text_mask, image, "ij")
+
+    def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        return self.score(*self.project(text_tokens, text_mask, image_tokens))
+
+
+def create_reranker(text_dim: int, image_dim: int, n_grid: int, cfg) -> nn.Module:
+    return (ScanMatcher if cfg.kind == "scan" else CrossAttentionReranker)(text_dim, image_dim, n_grid, cfg)
+
+
+def scan_loss(matcher: ScanMatcher, logits: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+              image_tokens: torch.Tensor) -> torch.Tensor:
+    """InfoNCE over every pair of the batch, both directions; entries of the dual encoder's ``logits``
+    that are -inf (another caption of the same image) are no negatives here either."""
+    scores = matcher.pairwise(*matcher.project(text_tokens, text_mask, image_tokens))
+    scores = scores.masked_fill(torch.isinf(logits), float("-inf"))
+    target = torch.arange(len(scores), device=scores.device)
+    return (F.cross_entropy(scores, target) + F.cross_entropy(scores.t(), target)) / 2
 
 
 def hard_negatives(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +198,8 @@ def top_k_scores(sim: torch.Tensor, k: int, score, batch_size: int = 512) -> dic
 def reorder_top_k(sim: torch.Tensor, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], order,
                   chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-order each query's top-k (``top_k_scores``) by ``order(first, logits) -> values``, where
-    ``first`` [Q, kk] are the candidates' values in ``sim``. Returns (i2t_sim, t2i_sim): copies of
+    ``first`` [Q, kk] are the candidates' values in ``sim`` (``order``: one for both directions, or
+    {"i2t": ..., "t2i": ...}). Returns (i2t_sim, t2i_sim): copies of
     ``sim`` in which each image's (row's) or caption's (column's) top-k candidates are lifted above
     every other entry (cosines lie in [-1, 1]) in that order; the rest keep the dual encoder's order.
 
@@ -131,7 +209,7 @@ def reorder_top_k(sim: torch.Tensor, scores: dict[str, tuple[torch.Tensor, torch
     one inside (``topk`` keeps an arbitrary few of a tie). Breaking them instead cost the re-ranked
     i2t R@1 up to 7 points against the first stage's on the shapes data, re-ranking or not."""
 
-    def lifted(s: torch.Tensor, top: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def lifted(s: torch.Tensor, top: torch.Tensor, logits: torch.Tensor, order) -> torch.Tensor:
         kk = top.shape[1]
         first = s.gather(1, top)
         values = order(first, logits)
@@ -147,7 +225,8 @@ def reorder_top_k(sim: torch.Tensor, scores: dict[str, tuple[torch.Tensor, torch
             out[q : q + chunk] = torch.where(tied.any(-1), value, rows)
         return out
 
-    return lifted(sim, *scores["i2t"]), lifted(sim.t(), *scores["t2i"]).t()
+    orders = order if isinstance(order, dict) else {"i2t": order, "t2i": order}
+    return lifted(sim, *scores["i2t"], orders["i2t"]), lifted(sim.t(), *scores["t2i"], orders["t2i"]).t()
 
 
 def rerank_top_k(sim: torch.Tensor, k: int, score, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

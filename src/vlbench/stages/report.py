@@ -171,7 +171,9 @@ def summarise(results: list[dict], transfer: dict[str, dict[str, dict]] | None =
             if "reranked_rsum" in r["metrics"]:
                 reranked = {k.removeprefix("reranked_"): v for k, v in r["metrics"].items() if k.startswith("reranked_")}
                 k = r.get("rerank_top_k", "k")
-                how = f" (matching weight {r['metrics']['rerank_weight']:g}, chosen on dev)" if "rerank_weight" in r["metrics"] else ""
+                m = r["metrics"]
+                how = (f" (matching weight i2t {m['rerank_weight_i2t']:g} / t2i {m['rerank_weight_t2i']:g}, chosen on dev)"
+                       if "rerank_weight_i2t" in m else "")
                 rows.append((f"{r['variant']} + cross-attention re-rank of top-{k}{how}", reranked,
                              f"+{speed['rerank_ms_per_1000_queries']:.0f} ms", mem, ""))
             if "qb_rsum" in r["metrics"]:
