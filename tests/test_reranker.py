@@ -133,6 +133,9 @@ def test_scan_scores_words_and_regions_against_what_they_attend_to():
     reference = (ce(scores, torch.arange(3)) + ce(scores.t(), torch.arange(3))) / 2
     got = scan_loss(matcher, logits, tokens, mask, grid[[0, 1, 0]])
     assert got.item() == pytest.approx(reference.item(), rel=1e-5)
+    # told which pairs show one image, it scores that image once: the same loss
+    once = scan_loss(matcher, logits, tokens, mask, grid[[0, 1, 0]], image_ids=torch.tensor([7, 3, 7]))
+    assert once.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module", params=["fusion", "scan"])

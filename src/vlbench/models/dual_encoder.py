@@ -314,8 +314,11 @@ class DualEncoder(nn.Module):
             if image_ids is not None and self.cfg.captions_per_image > 1:  # no other caption of the image as a negative
                 logits = logits.masked_fill(same_image(image_ids) & ~torch.eye(len(logits), dtype=torch.bool,
                                                                                 device=logits.device), float("-inf"))
-            matching = scan_loss if self.cfg.reranker.kind == "scan" else itm_loss
-            loss = loss + self.cfg.reranker.itm_weight * matching(self.reranker, logits, text_tokens, text_mask, image_tokens)
+            if self.cfg.reranker.kind == "scan":
+                matching = scan_loss(self.reranker, logits, text_tokens, text_mask, image_tokens, image_ids)
+            else:
+                matching = itm_loss(self.reranker, logits, text_tokens, text_mask, image_tokens)
+            loss = loss + self.cfg.reranker.itm_weight * matching
         return loss
 
     def contrast(self, img: torch.Tensor, txt: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor:

@@ -112,17 +112,17 @@ class ScanMatcher(nn.Module):
         a^T (V V^T) a: the attended vectors themselves ([*pairs, words, d], [*pairs, regions, d]) are
         never formed, which made a B x B batch ten times dearer."""
         txt, img = ("b", "b") if pairs == "b" else ("j", "i")
-        lam = self.attention_scale.exp()
+        scaled = cos * self.attention_scale.exp()
         m = mask.float()[None] if pairs == "ij" else mask.float()  # [*pairs or 1, words]
 
         def cosine(att, gram, spec):  # cos with the attended vector, from the weights and the Gram matrix
             norm2 = (torch.einsum(spec, att, gram) * att).sum(-1 if spec.endswith("s") else -2)
             return (att * cos).sum(-1 if spec.endswith("s") else -2) / norm2.clamp_min(1e-12).sqrt()
 
-        words = (cos * lam).softmax(-1)  # each word over the regions
+        words = scaled.softmax(-1)  # each word over the regions
         text_to_image = cosine(words, image @ image.transpose(1, 2), f"{pairs}wr,{img}rs->{pairs}ws")
         text_to_image = (text_to_image * m).sum(-1) / m.sum(-1)
-        regions = (cos * lam).masked_fill(m[..., None] == 0, float("-inf")).softmax(-2)  # each region over the caption's words
+        regions = scaled.masked_fill(m[..., None] == 0, float("-inf")).softmax(-2)  # each region over the caption's words
         image_to_text = cosine(regions, text @ text.transpose(1, 2), f"{pairs}wr,{txt}wv->{pairs}vr").mean(-1)
         return self.logit_scale.exp() * (text_to_image + image_to_text) / 2
 
@@ -143,10 +143,19 @@ def create_reranker(text_dim: int, image_dim: int, n_grid: int, cfg) -> nn.Modul
 
 
 def scan_loss(matcher: ScanMatcher, logits: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
-              image_tokens: torch.Tensor) -> torch.Tensor:
+              image_tokens: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE over every pair of the batch, both directions; entries of the dual encoder's ``logits``
-    that are -inf (another caption of the same image) are no negatives here either."""
-    scores = matcher.pairwise(*matcher.project(text_tokens, text_mask, image_tokens))
+    that are -inf (another caption of the same image) are no negatives here either. ``image_ids``
+    [B] (which image each pair shows): an image that several pairs show is scored against the
+    captions once (with 2 captions per image, half the work), its row copied to each of its pairs."""
+    text, mask, image = matcher.project(text_tokens, text_mask, image_tokens)
+    if image_ids is None:
+        scores = matcher.pairwise(text, mask, image)
+    else:
+        ids, inverse = torch.unique(image_ids.to(image.device), return_inverse=True)
+        one_pair = torch.empty(len(ids), dtype=torch.long, device=image.device).scatter_(
+            0, inverse, torch.arange(len(inverse), device=image.device))  # a pair that shows each image
+        scores = matcher.pairwise(text, mask, image[one_pair])[inverse]
     scores = scores.masked_fill(torch.isinf(logits), float("-inf"))
     target = torch.arange(len(scores), device=scores.device)
     return (F.cross_entropy(scores, target) + F.cross_entropy(scores.t(), target)) / 2
