@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -36,33 +35,27 @@ def table(res: dict) -> str:
 
 @torch.no_grad()
 def measure(model_dir: str, features: str, splits: str, device) -> dict:
+    """The evaluate stage's own dev choice (``scoring.rerank_candidates``, ``pick_rerank_weight``) with
+    every weight's R@1 kept, plus the matching logit alone."""
     from vlbench.data.manifests import captions_by_row
     from vlbench.inputs import open_inputs
     from vlbench.metrics.retrieval import retrieval_metrics
-    from vlbench.models.reranker import DEV_WEIGHTS, reorder_top_k
+    from vlbench.models.reranker import reorder_top_k
     from vlbench.models.trained import load_trained
-    from vlbench.scoring import _image_batches, _rerank_scores
-    from vlbench.training import encode_texts
+    from vlbench.scoring import pick_rerank_weight, rerank_candidates
 
     model, cfg, _ = load_trained(model_dir)
     model.to(device)
     inputs = open_inputs("val", splits, features, cfg)
     captions = captions_by_row(splits, "val", inputs.ids)
-    flat = [c for caps in captions for c in caps]
-    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], device=device)
-    image_tokens = torch.cat([model.image_tokens(b) for b in _image_batches(inputs, range(len(captions)), 128, device)])
-    pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=True, desc="dev captions")
-    sim = model.embed_images(image_tokens) @ model.embed_text_features(pooled).t()
-    t0 = time.perf_counter()
-    scores = _rerank_scores(model, sim, tokens, masks, image_tokens)
-    row = {"kind": cfg.reranker.kind, "top_k": cfg.reranker.top_k, "i2t": {}, "t2i": {},
-           "rerank_seconds": time.perf_counter() - t0}
-    orders = {str(w): (lambda f, m, w=w: model.scale() * f + w * m) for w in DEV_WEIGHTS} | {"itm": lambda f, m: m}
-    for key, order in orders.items():
-        i2t, t2i = reorder_top_k(sim, scores, order)
-        row["i2t"][key] = retrieval_metrics(i2t, owner)["i2t_R@1"]
-        row["t2i"][key] = retrieval_metrics(t2i, owner)["t2i_R@1"]
-    return row | {"dev_images": len(captions), "dev_captions": len(flat)}
+    sim, scores, owner = rerank_candidates(model, inputs, captions, device, 128)
+    # the dual encoder's logit + w x the matching logit, whatever the variant's reranker.combine
+    _, tried = pick_rerank_weight(sim, scores, owner, lambda w: lambda first, itm: model.scale() * first + w * itm)
+    row = {"kind": cfg.reranker.kind, "top_k": cfg.reranker.top_k} | {d: {str(w): v for w, v in t.items()} for d, t in tried.items()}
+    i2t, t2i = reorder_top_k(sim, scores, lambda first, itm: itm)
+    row["i2t"]["itm"] = retrieval_metrics(i2t, owner)["i2t_R@1"]
+    row["t2i"]["itm"] = retrieval_metrics(t2i, owner)["t2i_R@1"]
+    return row | {"dev_images": len(captions), "dev_captions": len(owner)}
 
 
 def main(argv=None):

@@ -191,14 +191,20 @@ def pick_rerank_weight(sim, scores, owner, order_for) -> tuple[dict[str, float],
 
 
 @torch.no_grad()
-def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_size) -> tuple[dict, dict]:
-    """``reranker.combine: dev``: ``pick_rerank_weight`` on the dev split (``inputs``, ``captions``: its rows)."""
+def rerank_candidates(model: AlignmentModel, inputs, captions, device, batch_size, desc: str = "dev captions"):
+    """The dual encoder's similarities of a split (``inputs``, ``captions``: its rows), the matcher's
+    logits of each query's top-k (``top_k_scores``) and each caption's image -> (sim, scores, owner)."""
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], device=device)
     image_tokens = torch.cat([model.image_tokens(b) for b in _image_batches(inputs, range(len(captions)), batch_size, device)])
-    pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=True, desc="dev captions")
+    pooled, tokens, masks = encode_texts(model, flat, device, keep_tokens=True, desc=desc)
     sim = model.embed_images(image_tokens) @ model.embed_text_features(pooled).t()
-    scores = _rerank_scores(model, sim, tokens, masks, image_tokens)
+    return sim, _rerank_scores(model, sim, tokens, masks, image_tokens), owner
+
+
+def choose_rerank_weight(model: AlignmentModel, inputs, captions, device, batch_size) -> tuple[dict, dict]:
+    """``reranker.combine: dev``: ``pick_rerank_weight`` on the dev split (``inputs``, ``captions``: its rows)."""
+    sim, scores, owner = rerank_candidates(model, inputs, captions, device, batch_size)
     return pick_rerank_weight(sim, scores, owner, lambda w: _rerank_order(model, w))
 
 

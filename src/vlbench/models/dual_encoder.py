@@ -17,7 +17,7 @@ from .contrastive import max_violation_loss, multi_positive_loss, same_image
 from .pooling import image_pool, pool_tokens
 from .registry import (IMAGE_STAGES, TEXT_LAYERS, check_image_encoder, check_text_encoder, create_image_encoder, create_text_encoder,
                        gives_cnn_grid)
-from .reranker import RerankerConfig, create_reranker, itm_loss, scan_loss
+from .reranker import RerankerConfig, create_reranker
 from .variant_registry import register_variant
 
 
@@ -314,10 +314,7 @@ class DualEncoder(nn.Module):
             if image_ids is not None and self.cfg.captions_per_image > 1:  # no other caption of the image as a negative
                 logits = logits.masked_fill(same_image(image_ids) & ~torch.eye(len(logits), dtype=torch.bool,
                                                                                 device=logits.device), float("-inf"))
-            if self.cfg.reranker.kind == "scan":
-                matching = scan_loss(self.reranker, logits, text_tokens, text_mask, image_tokens, image_ids)
-            else:
-                matching = itm_loss(self.reranker, logits, text_tokens, text_mask, image_tokens)
+            matching = self.reranker.loss(logits, text_tokens, text_mask, image_tokens, image_ids)
             loss = loss + self.cfg.reranker.itm_weight * matching
         return loss
 

@@ -9,10 +9,12 @@ top-k candidates per query. Two matchers (``reranker.kind``):
   tokens cross-attend to the image; trained on in-batch hard negatives drawn from the dual
   encoder's similarities (the pairs it will actually be asked to separate). A transformer pass per
   pair makes each pair dear, so it sees three pairs per caption and step.
-- ``scan``: stacked cross attention (SCAN, Lee et al. 2018, text-to-image): each word attends over
-  the image's grid, and the pair's score is the words' mean cosine with what they attended to. One
-  attention per pair and no transformer, so it is trained on every pair of the batch (B x B, an
-  InfoNCE loss like the dual encoder's) rather than on 3B.
+- ``scan``: stacked cross attention (SCAN, Lee et al. 2018): each word attends over the image's
+  grid regions and each region over the words, and the pair's score is the mean cosine of each
+  with what it attended to. No transformer per pair, so it is trained on every pair of the batch
+  (an InfoNCE loss like the dual encoder's) rather than on 3B.
+
+Each matcher's ``loss`` is its training objective, so the dual encoder needs no dispatch on the kind.
 """
 from __future__ import annotations
 
@@ -84,6 +86,10 @@ class CrossAttentionReranker(nn.Module):
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         return self.score(*self.project(text_tokens, text_mask, image_tokens))
 
+    def loss(self, logits, text_tokens, text_mask, image_tokens, image_ids=None) -> torch.Tensor:
+        """``itm_loss`` (``image_ids`` unused: ``logits`` already rule out the image's other captions)."""
+        return itm_loss(self, logits, text_tokens, text_mask, image_tokens)
+
 
 class ScanMatcher(nn.Module):
     """SCAN's matcher, both attention directions averaged (its best: t-i + i-t). Text-to-image: word w
@@ -136,6 +142,10 @@ class ScanMatcher(nn.Module):
 
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         return self.score(*self.project(text_tokens, text_mask, image_tokens))
+
+    def loss(self, logits, text_tokens, text_mask, image_tokens, image_ids=None) -> torch.Tensor:
+        """``scan_loss``."""
+        return scan_loss(self, logits, text_tokens, text_mask, image_tokens, image_ids)
 
 
 def create_reranker(text_dim: int, image_dim: int, n_grid: int, cfg) -> nn.Module:
