@@ -174,8 +174,14 @@ def make_step(model: AlignmentModel | CaptioningModel, cfg, captions: list[list[
         return step
 
     def step(idx, cap_idx):
-        grid = inputs.batch(idx).to(device)
-        return forward(grid, [captions[i][j] for i, j in zip(idx, cap_idx)])
+        texts = [captions[i][j] for i, j in zip(idx, cap_idx)]
+        distinct = sorted(set(idx))
+        if len(distinct) == len(idx):
+            return forward(inputs.batch(idx).to(device), texts)
+        # several captions of an image (caption_sampling: all): its grid is loaded and encoded once
+        row_of = {i: r for r, i in enumerate(distinct)}
+        rows = torch.as_tensor([row_of[i] for i in idx], device=device)
+        return forward(inputs.batch(distinct).to(device), texts, rows=rows)
 
     return step
 

@@ -149,9 +149,10 @@ class CrossAttentionLMCaptioner(LMCaptioner):
         rest = self.lm.get_input_embeddings()(ids[:, 1:])
         return torch.cat([self.start.expand(len(ids), -1, -1).to(rest.dtype), rest], 1)
 
-    def loss(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def loss(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         ids, mask, labels = self.tokenize(captions, grid.device)
-        with self.attending(self.vision(grid)):
+        vision = self.vision(grid)
+        with self.attending(vision if rows is None else vision[rows]):
             return self.lm(inputs_embeds=self.embed(ids), attention_mask=mask, labels=labels).loss
 
     def logits(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:

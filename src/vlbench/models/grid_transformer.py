@@ -39,6 +39,7 @@ class GridTransformerConfig(VariantConfig):
     # rope: 2D rotary embedding of queries and keys in the encoder's self-attention
     grid_positions: Literal["learned", "sinusoidal_2d", "rope"] = "learned"
     caption_sampling: Literal["random", "all"] = "random"  # per sampled image and step: one random caption, or all of them
+    label_smoothing: float = 0.0  # cross-entropy against (1 - e) x the reference word + e spread over the vocabulary
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
     scst: ScstConfig = field(default_factory=ScstConfig)  # self-critical CIDEr-D training after optim.steps
@@ -46,6 +47,7 @@ class GridTransformerConfig(VariantConfig):
     def check(self, p):
         positive(p, self, "d_model", "encoder_layers", "decoder_layers", "heads", "min_word_count", "max_len")
         in_range(p, self, "dropout", 0.0, 0.9)
+        in_range(p, self, "label_smoothing", 0.0, 0.5)
         if self.d_model % self.heads:
             raise ParamError(f"{p}.heads: d_model={self.d_model} is not divisible by heads={self.heads}")
         if self.grid_positions == "sinusoidal_2d" and self.d_model % 4:
@@ -102,14 +104,16 @@ class GridTransformerCaptioner(nn.Module):
         logp = self.out(self.norm(last_hidden)).float().log_softmax(-1)
         return logp.index_fill(-1, torch.tensor([PAD, BOS], device=logp.device), float("-inf"))
 
-    def forward(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def forward(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss (DDP's entry point: it synchronises gradients of what forward computes)."""
-        return self.loss(grid, captions)
+        return self.loss(grid, captions, rows)
 
-    def loss(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def loss(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         ids = pad_sequences([self.vocab.encode(c, self.cfg.max_len) for c in captions], PAD).to(grid.device)
-        logits = self.logits(self.encode(grid), ids[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD)
+        memory = self.encode(grid)  # the encoder is most of a step: once per image, not per caption
+        logits = self.logits(memory if rows is None else memory[rows], ids[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD,
+                               label_smoothing=self.cfg.label_smoothing)
 
     @torch.no_grad()
     def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,

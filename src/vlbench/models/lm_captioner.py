@@ -25,9 +25,9 @@ class LMCaptioner(nn.Module):
         return tok([" " + c + tok.eos_token for c in captions], truncation=True, max_length=self.cfg.max_len,
                    add_special_tokens=False, **kwargs)
 
-    def forward(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def forward(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss (DDP's entry point: it synchronises gradients of what forward computes)."""
-        return self.loss(grid, captions)
+        return self.loss(grid, captions, rows)
 
     @torch.no_grad()
     def generate_after(self, embeds: torch.Tensor, decoding, generator: torch.Generator | None,

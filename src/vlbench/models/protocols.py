@@ -59,10 +59,11 @@ class CaptioningModel(Protocol):
 
     cfg: object  # the variant's validated params; ``cfg.decoding`` is its default decoding
 
-    def loss(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """Mean next-token cross-entropy of ``captions`` given their images' token grids."""
+    def loss(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``captions`` given their images' token grids: caption i's
+        image is ``grid[rows[i]]`` (each distinct image encoded once), or ``grid[i]`` without ``rows``."""
 
-    def forward(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def forward(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         """``loss`` (the entry point of DDP and torch.compile)."""
 
     def generate(self, grid: torch.Tensor, decoding, generator: torch.Generator | None = None,

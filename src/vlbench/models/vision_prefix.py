@@ -59,9 +59,10 @@ class VisionPrefixCaptioner(LMCaptioner):
             p = self.prefix(grid.float())
         return torch.cat([p, self.sep.expand(len(p), -1, -1)], 1)
 
-    def loss(self, grid: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def loss(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         batch = self.tokenize_captions(captions, padding=True, return_tensors="pt").to(grid.device)
         prefix = self.prefix_embeds(grid)
+        prefix = prefix if rows is None else prefix[rows]
         tok_emb = self.lm.get_input_embeddings()(batch.input_ids)
         embeds = torch.cat([prefix, tok_emb], 1)
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=batch.attention_mask.dtype, device=grid.device), batch.attention_mask], 1)
