@@ -3,7 +3,8 @@ learning rates: does dev CIDEr keep rising past the configured SCST phase?
 
     python benchmarks/scst_learning_rate.py --model models/grid_transformer \
         --features data/features/efficientnet_lite2 --splits data/splits \
-        [--lrs 5e-5 2e-4] [--steps 200] [--eval-every 100] [--out benchmarks/flickr8k/scst_learning_rate.json]
+        [--lrs 5e-5 2e-4] [--steps 200] [--eval-every 100] [--warmup 0]
+        [--out benchmarks/flickr8k/scst_learning_rate.json]
 
 Each learning rate continues from the same trained model (a fresh copy each time) with the train
 stage's SCST step (vlbench.scst.ScstTrainer: CIDEr-D rewards against the training references,
@@ -15,6 +16,7 @@ those steps (CIDEr-D x100 of the samples, on training images). Prints a table an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lrs", nargs="+", type=float, default=[5e-5, 2e-4])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=None, help="SCST warm-up steps (default: the variant's scst.warmup_steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/flickr8k/scst_learning_rate.json")
     a = ap.parse_args(argv)
@@ -44,7 +47,7 @@ def main(argv=None) -> None:
     from vlbench.metrics.decodings import score
     from vlbench.models.trained import load_trained
     from vlbench.runtime import configure_threads
-    from vlbench.scst import ScstTrainer
+    from vlbench.scst import ScstTrainer, scst_lr
 
     configure_threads()
     _, cfg, _ = load_trained(a.model)
@@ -53,7 +56,7 @@ def main(argv=None) -> None:
     train_refs = captions_by_row(a.splits, "train", train.ids)
     dev_refs = dict(zip(dev.ids, captions_by_row(a.splits, "val", dev.ids)))
     cider = CiderD(train_refs)  # document frequencies of the training references only
-    scfg = cfg.scst
+    scfg = cfg.scst if a.warmup is None else dataclasses.replace(cfg.scst, warmup_steps=a.warmup)
 
     def dev_scores(model) -> dict:
         model.eval()
@@ -77,15 +80,18 @@ def main(argv=None) -> None:
         rng, rewards, curve, t0 = random.Random(a.seed), [], [], time.perf_counter()
         for s in range(a.steps):
             idx = sorted(rng.sample(range(len(train)), scfg.batch_size))
+            for group in opt.param_groups:
+                group["lr"] = scst_lr(s, dataclasses.replace(scfg, lr=lr))
             rewards.append(trainer.step(train.batch(idx), [train_refs[i] for i in idx])["reward"])
             if (s + 1) % a.eval_every == 0 or s + 1 == a.steps:
                 point = {"step": s + 1, **dev_scores(model), "reward": round(100 * float(np.mean(rewards[-a.eval_every:])), 2)}
                 curve.append(point)
                 print(f"lr {lr:g}: {point} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        rows.append({"lr": lr, "curve": curve, "seconds": round(time.perf_counter() - t0, 1)})
+        rows.append({"lr": lr, "warmup_steps": scfg.warmup_steps, "curve": curve, "seconds": round(time.perf_counter() - t0, 1)})
     print(f"\n{a.model}: SCST {a.steps} steps of {scfg.batch_size} images x {scfg.samples} samples from the trained "
           f"model; dev split ({len(dev)} images), decoding {cfg.decoding.strategy} {cfg.decoding.beam_size}"
           f"{', trigrams blocked' if cfg.decoding.block_trigrams else ''}\n")
+    print(f"learning rate reached linearly over the first {scfg.warmup_steps} SCST steps\n")
     print("| lr | step | dev CIDEr | vs start | dev BLEU-4 | dev METEOR | SCST reward (train) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| - | 0 | {start['CIDEr']:.2f} | +0.00 | {start['BLEU-4']:.2f} | {start['METEOR']:.2f} | |")

@@ -242,7 +242,8 @@ def test_lm_captioner_samples_carry_gradients_and_their_true_logprobs(model_name
 
 @pytest.mark.parametrize("edit, key", [({"steps": -1}, "steps"), ({"samples": 1}, "samples"), ({"lr": 0}, "lr"),
                                        ({"batch_size": 0}, "batch_size"), ({"max_len": 0}, "max_len"),
-                                       ({"samples": "five"}, "samples"), ({"rounds": 3}, "rounds")])
+                                       ({"samples": "five"}, "samples"), ({"rounds": 3}, "rounds"),
+                                       ({"warmup_steps": -1}, "warmup_steps")])
 def test_bad_scst_params_name_the_key(edit, key):
     from vlbench.validation import validate_all
 

@@ -22,7 +22,8 @@ def prepared(tmp_path_factory):
     params = tiny_params(n_images=30, steps=CE_STEPS)
     params["train"]["checkpoint_every"] = 2
     params["variants"]["gridcap"].update(TINY_GRID)
-    params["variants"]["gridcap"]["scst"] = {"steps": SCST_STEPS, "samples": 3, "lr": 1e-4, "batch_size": 4, "max_len": 10}
+    params["variants"]["gridcap"]["scst"] = {"steps": SCST_STEPS, "samples": 3, "lr": 1e-4, "batch_size": 4, "max_len": 10,
+                                             "warmup_steps": 3}  # the resumed run (below) continues mid-warm-up
     return prepare_features(tmp_path_factory.mktemp("scst"), params)
 
 
@@ -41,6 +42,7 @@ def test_scst_logs_its_reward_curve(prepared, straight):
     scst = [r for r in rows if not r["loss"]]
     assert [int(r["step"]) for r in scst] == list(range(CE_STEPS, CE_STEPS + SCST_STEPS))  # log_every 1
     assert all(float(r["scst_reward"]) >= 0 and r["scst_baseline"] for r in scst) and len(ce) == CE_STEPS
+    assert [float(r["lr"]) for r in scst] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4, 1e-4])  # warm-up, then constant
 
     import mlflow
 

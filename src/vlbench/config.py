@@ -173,6 +173,9 @@ class ScstConfig:
     lr: float = 1e-5  # constant, AdamW; gradients clipped at norm 1 as in cross-entropy training
     batch_size: int = 16  # images per step (x samples captions)
     max_len: int = 24  # tokens per sampled caption at most (the grid transformer: BOS and EOS included)
+    # lr rises linearly over the first warmup_steps: a fresh AdamW's first updates move every weight
+    # by about lr whatever the (noisy) policy gradient's size
+    warmup_steps: int = 0
 
     def check(self, p):
         if self.steps < 0:
@@ -181,6 +184,8 @@ class ScstConfig:
             raise ParamError(f"{p}.samples: must be >= 2 (each sample's baseline is the mean of the others), "
                              f"got {self.samples}")
         positive(p, self, "lr", "batch_size", "max_len")
+        if self.warmup_steps < 0:
+            raise ParamError(f"{p}.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass

@@ -12,7 +12,8 @@ with the "new SCST" baseline (Luo 2020): the baseline of sample i is the mean re
 other k-1 samples, so no greedy decoding is needed and a sample never competes with itself.
 
 The model samples in eval mode (dropout off): the policy trained is the one the evaluation decodes
-with. AdamW at the constant ``scst.lr``, gradients clipped at norm 1 as in cross-entropy training.
+with. AdamW at the constant ``scst.lr`` (after a linear rise over ``scst.warmup_steps``), gradients
+clipped at norm 1 as in cross-entropy training.
 Model selection goes on through SCST (vlbench/selection.py): every ``train.eval_every`` SCST
 steps and after the last, the train stage's dev evaluation scores the model with the same dev
 metric and the same ``Selection`` as its cross-entropy steps (patience restarts at the first SCST
@@ -49,6 +50,13 @@ def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
     if k < 2:
         raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
     return (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+
+
+def scst_lr(step: int, scfg) -> float:
+    """The learning rate of SCST step ``step`` (from 0): linear warm-up, then constant."""
+    if step < scfg.warmup_steps:
+        return scfg.lr * (step + 1) / scfg.warmup_steps
+    return scfg.lr
 
 
 def scst_loss(logprobs: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +134,13 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
     bar = tqdm(desc=f"SCST {name}".strip(), unit="step", initial=begin, total=scfg.steps)
     for s in range(begin, scfg.steps):
         idx = sorted(rng.sample(range(len(inputs)), min(scfg.batch_size, len(inputs))))
+        lr = scst_lr(s, scfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         out = trainer.step(inputs.batch(idx).to(device), [captions[i] for i in idx])
         if s % cfg.optim.log_every == 0 or s == scfg.steps - 1:
             reward, baseline = 100.0 * out["reward"], 100.0 * out["baseline"]
-            rows.append({"step": first_step + s, "lr": scfg.lr, "scst_reward": round(reward, 5),
+            rows.append({"step": first_step + s, "lr": lr, "scst_reward": round(reward, 5),
                          "scst_baseline": round(baseline, 5)})
             mlflow.log_metrics({"scst_reward": reward, "scst_baseline": baseline, "scst_loss": out["loss"]},
                                step=first_step + s)
