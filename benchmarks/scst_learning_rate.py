@@ -3,7 +3,7 @@ learning rates: does dev CIDEr keep rising past the configured SCST phase?
 
     python benchmarks/scst_learning_rate.py --model models/grid_transformer \
         --features data/features/efficientnet_lite2 --splits data/splits \
-        [--lrs 5e-5 2e-4] [--steps 200] [--eval-every 100] [--warmup 0]
+        [--lrs 5e-5 2e-4] [--steps 200] [--eval-every 100] [--warmup 0] [--batch-size 16] [--mark-end]
         [--out benchmarks/flickr8k/scst_learning_rate.json]
 
 Each learning rate continues from the same trained model (a fresh copy each time) with the train
@@ -11,7 +11,11 @@ stage's SCST step (vlbench.scst.ScstTrainer: CIDEr-D rewards against the trainin
 mean-of-others baseline, bf16 autocast as configs/flickr8k.yaml) on the same image batches and
 sampling seed. Dev CIDEr, BLEU-4 and METEOR (pycocoevalcap) are those of the variant's own decoding
 on every dev image, before SCST and every ``--eval-every`` steps, next to the mean SCST reward of
-those steps (CIDEr-D x100 of the samples, on training images). Prints a table and writes it as JSON.
+those steps (CIDEr-D x100 of the samples, on training images) and the share of dev captions cut off
+mid-phrase (ending in "a", "the", "of", ...; the first four dev captions are printed too).
+``--warmup`` and ``--batch-size`` override the variant's ``scst.warmup_steps`` and ``scst.batch_size``;
+``--mark-end`` rewards with CIDEr-D that counts an end token in its n-grams (``CiderD(mark_end=True)``).
+Prints a table and writes it as JSON.
 """
 from __future__ import annotations
 
@@ -28,6 +32,10 @@ import numpy as np
 import torch
 
 
+# words a Flickr8k reference never ends with: a caption ending in one stopped mid-phrase
+CUT_OFF = {"a", "an", "the", "of", "on", "in", "with", "and", "at", "to", "its", "his", "her", "their"}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a captioner's trained folder (models/<variant>)")
@@ -36,6 +44,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lrs", nargs="+", type=float, default=[5e-5, 2e-4])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=None, help="images per SCST step (default: the variant's scst.batch_size)")
+    ap.add_argument("--mark-end", action="store_true", help="the reward's CIDEr-D counts an end token in its n-grams")
     ap.add_argument("--warmup", type=int, default=None, help="SCST warm-up steps (default: the variant's scst.warmup_steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/flickr8k/scst_learning_rate.json")
@@ -43,7 +53,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vlbench.data.manifests import captions_by_row
     from vlbench.inputs import open_inputs
-    from vlbench.metrics.cider_d import CiderD
+    from vlbench.metrics.cider_d import CiderD, tokenize
     from vlbench.metrics.decodings import score
     from vlbench.models.trained import load_trained
     from vlbench.runtime import configure_threads
@@ -55,8 +65,12 @@ def main(argv=None) -> None:
     dev = open_inputs("val", a.splits, a.features, cfg)
     train_refs = captions_by_row(a.splits, "train", train.ids)
     dev_refs = dict(zip(dev.ids, captions_by_row(a.splits, "val", dev.ids)))
-    cider = CiderD(train_refs)  # document frequencies of the training references only
-    scfg = cfg.scst if a.warmup is None else dataclasses.replace(cfg.scst, warmup_steps=a.warmup)
+    cider = CiderD(train_refs, mark_end=a.mark_end)  # document frequencies of the training references only
+    scfg = cfg.scst
+    if a.warmup is not None:
+        scfg = dataclasses.replace(scfg, warmup_steps=a.warmup)
+    if a.batch_size is not None:
+        scfg = dataclasses.replace(scfg, batch_size=a.batch_size)
 
     def dev_scores(model) -> dict:
         model.eval()
@@ -65,7 +79,9 @@ def main(argv=None) -> None:
             for s in range(0, len(dev), 64):
                 hyps.extend(model.generate(dev.batch(range(s, min(s + 64, len(dev)))), cfg.decoding))
         m = score(dev_refs, dict(zip(dev.ids, hyps)), spice=False)
-        return {k: round(m[k], 2) for k in ("CIDEr", "BLEU-4", "METEOR")}
+        cut = sum(bool(set(tokenize(h)[-1:]) & CUT_OFF) for h in hyps)  # captions that stop mid-phrase
+        print("  " + "\n  ".join(hyps[:4]), flush=True)
+        return {**{k: round(m[k], 2) for k in ("CIDEr", "BLEU-4", "METEOR")}, "cut_off": round(100 * cut / len(hyps), 1)}
 
     rows, start = [], None
     for lr in a.lrs:
@@ -91,14 +107,15 @@ def main(argv=None) -> None:
     print(f"\n{a.model}: SCST {a.steps} steps of {scfg.batch_size} images x {scfg.samples} samples from the trained "
           f"model; dev split ({len(dev)} images), decoding {cfg.decoding.strategy} {cfg.decoding.beam_size}"
           f"{', trigrams blocked' if cfg.decoding.block_trigrams else ''}\n")
-    print(f"learning rate reached linearly over the first {scfg.warmup_steps} SCST steps\n")
-    print("| lr | step | dev CIDEr | vs start | dev BLEU-4 | dev METEOR | SCST reward (train) |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| - | 0 | {start['CIDEr']:.2f} | +0.00 | {start['BLEU-4']:.2f} | {start['METEOR']:.2f} | |")
+    print(f"{scfg.batch_size} images a step; learning rate reached linearly over the first {scfg.warmup_steps} SCST "
+          f"steps; reward CIDEr-D{' with an end token' if a.mark_end else ''}\n")
+    print("| lr | step | dev CIDEr | vs start | dev BLEU-4 | dev METEOR | cut off % | SCST reward (train) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| - | 0 | {start['CIDEr']:.2f} | +0.00 | {start['BLEU-4']:.2f} | {start['METEOR']:.2f} | {start['cut_off']:.1f} | |")
     for row in rows:
         for p in row["curve"]:
             print(f"| {row['lr']:g} | {p['step']} | {p['CIDEr']:.2f} | {p['CIDEr'] - start['CIDEr']:+.2f} | "
-                  f"{p['BLEU-4']:.2f} | {p['METEOR']:.2f} | {p['reward']:.2f} |")
+                  f"{p['BLEU-4']:.2f} | {p['METEOR']:.2f} | {p['cut_off']:.1f} | {p['reward']:.2f} |")
     Path(a.out).write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k != "out"}, "start": start, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {a.out}", file=sys.stderr)
 

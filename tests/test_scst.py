@@ -60,6 +60,20 @@ def test_cider_d_by_hand():
     assert 0 < once < c.score("red circle", ["a red circle"])
 
 
+def test_mark_end_counts_an_end_token_in_every_caption():
+    """mark_end scores as plain CIDEr-D would with one more, unique word at the end of every caption
+    (corpus, references, hypothesis); a caption cut off mid-phrase then loses against its whole self."""
+    corpus = [["a dog runs on the grass", "a brown dog on grass"], ["a man rides a bike", "a cyclist on a road"],
+              ["two children play on the beach"]]
+    marked, plain = CiderD(corpus, mark_end=True), CiderD([[r + " zzend" for r in refs] for refs in corpus])
+    refs = corpus[0]
+    for hyp in ("a dog runs on the grass", "a dog runs on the", "a brown dog", "two children"):
+        assert marked.score(hyp, refs) == pytest.approx(plain.score(hyp + " zzend", [r + " zzend" for r in refs]), rel=1e-12)
+    assert marked.tokens("a dog .") == ["a", "dog", CiderD.END] and CiderD(corpus).tokens("a dog .") == ["a", "dog"]
+    cut, whole = "a brown dog on", "a brown dog on grass"
+    assert marked.score(cut, refs) / marked.score(whole, refs) < CiderD(corpus).score(cut, refs) / CiderD(corpus).score(whole, refs)
+
+
 def test_document_frequencies_come_from_the_given_corpus_only():
     """The known difference from pycocoevalcap: SCST's scorer takes its idf from the training
     references, the test metric from the test references. A word common in training but rare in

@@ -54,22 +54,32 @@ class CiderD:
     ``corpus``: one list of reference captions per image (for SCST: the training references).
     ``score(hypothesis, references)`` is one caption's CIDEr-D on coco-caption's scale (10 =
     a caption equal to every one of its references; pycocoevalcap's number, which the evaluate
-    stage reports x100)."""
+    stage reports x100).
 
-    def __init__(self, corpus: Iterable[Sequence[str]], n: int = 4, sigma: float = 6.0):
-        self.n, self.sigma = n, sigma
+    ``mark_end``: every caption (corpus, references, hypotheses) ends with an end-of-sentence token
+    that is part of its n-grams, so "... on a" no longer matches the references' "on a" n-grams
+    as well as "... on a bike" does: an SCST reward without it lets captions stop mid-phrase (the
+    "bad endings" of self-critical training)."""
+
+    END = "<eos>"  # never a token of ``tokenize`` (it keeps letters, digits, - . and ')
+
+    def __init__(self, corpus: Iterable[Sequence[str]], n: int = 4, sigma: float = 6.0, mark_end: bool = False):
+        self.n, self.sigma, self.mark_end = n, sigma, mark_end
         self.df: Counter = Counter()
         images = 0
         for refs in corpus:
             images += 1
             seen = set()
             for r in refs:
-                seen.update(ngram_counts(tokenize(r), n))
+                seen.update(ngram_counts(self.tokens(r), n))
             self.df.update(seen)
         if images == 0:
             raise ValueError("CIDEr-D needs a non-empty reference corpus")
         self.ref_len = math.log(float(images))
         self._refs_cache: dict[tuple[str, ...], list] = {}
+
+    def tokens(self, text: str) -> list[str]:
+        return tokenize(text) + [self.END] if self.mark_end else tokenize(text)
 
     def vector(self, counts: Counter):
         """n-gram counts -> (tf-idf vector per n, its norm per n, length = number of bigrams)."""
@@ -101,7 +111,7 @@ class CiderD:
         key = tuple(references)
         got = self._refs_cache.get(key)
         if got is None:
-            got = [self.vector(ngram_counts(tokenize(r), self.n)) for r in references]
+            got = [self.vector(ngram_counts(self.tokens(r), self.n)) for r in references]
             if len(self._refs_cache) < 200_000:
                 self._refs_cache[key] = got
         return got
@@ -109,7 +119,7 @@ class CiderD:
     def score(self, hypothesis: str, references: Sequence[str]) -> float:
         if not references:
             raise ValueError("CIDEr-D needs at least one reference per hypothesis")
-        hyp = self.vector(ngram_counts(tokenize(hypothesis), self.n))
+        hyp = self.vector(ngram_counts(self.tokens(hypothesis), self.n))
         refs = self._reference_vectors(references)
         return 10.0 * sum(self._sim(hyp, r) for r in refs) / (self.n * len(refs))
 
