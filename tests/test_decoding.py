@@ -151,3 +151,28 @@ def test_gpt2_bpe_vocabulary_round_trips_any_text_and_reloads(tmp_path, batch):
     assert "vocab" not in meta  # nothing to store: the vocabulary is GPT-2's
     dec = DecodingConfig(strategy="greedy", max_len=6)
     assert again.generate(grid[:2], dec) == model.generate(grid[:2], dec)
+
+
+def test_unknown_word_is_never_generated(trained_grid_captioner):
+    """<unk> (which decode drops: "sitting on a ." for "sitting on a <unk>") is never generated:
+    raising its logit above every word's changes no caption, no sample and no sample's log-probability."""
+    from vlbench.models.tokenizers import UNK
+
+    model, grid = trained_grid_captioner
+
+    def outputs():
+        captions = {s: model.generate(grid, dec, generator=torch.Generator().manual_seed(3)) for s, dec in DECODINGS.items()}
+        with torch.no_grad():
+            s = model.sample_with_logprobs(grid, 3, 12, torch.Generator().manual_seed(5))
+        return captions, s
+
+    plain, plain_samples = outputs()
+    hook = model.out.register_forward_hook(lambda mod, args, out: out.index_add(
+        -1, torch.tensor([UNK]), torch.full((*out.shape[:-1], 1), 50.0)))
+    try:
+        boosted, samples = outputs()
+    finally:
+        hook.remove()
+    assert boosted == plain and any(len(c.split()) > 2 for c in plain["greedy"])
+    assert torch.equal(samples.ids, plain_samples.ids) and not (samples.ids == UNK).any()
+    torch.testing.assert_close(samples.logprobs, plain_samples.logprobs)

@@ -17,7 +17,7 @@ from .decoding import CachedDecoding, FullDecoding, TrigramBlocking, beam_search
 from .positions import RotaryEncoderLayer, sincos_2d
 from .registry import check_image_encoder
 from .sampling import Samples, sample_grid_transformer
-from .tokenizers import BOS, EOS, PAD, BPEVocabulary, Vocabulary, pad_sequences
+from .tokenizers import BOS, EOS, NEVER_GENERATED, PAD, BPEVocabulary, Vocabulary, pad_sequences
 from .variant_registry import register_variant
 
 
@@ -99,10 +99,10 @@ class GridTransformerCaptioner(nn.Module):
         return self.out(self.norm(self.hidden(memory, ids)))
 
     def next_logp(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder output of the last position -> log-probabilities of the next word. <pad> and <bos>
-        are never generated: they are not words, and a generated <pad> would be masked as a key."""
-        logp = self.out(self.norm(last_hidden)).float().log_softmax(-1)
-        return logp.index_fill(-1, torch.tensor([PAD, BOS], device=logp.device), float("-inf"))
+        """Decoder output of the last position -> log-probabilities of the next word, 0 for the
+        ``NEVER_GENERATED`` ids (<pad>, <bos>, <unk>) and renormalised over the rest."""
+        logits = self.out(self.norm(last_hidden)).float()
+        return logits.index_fill(-1, torch.tensor(NEVER_GENERATED, device=logits.device), float("-inf")).log_softmax(-1)
 
     def forward(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss (DDP's entry point: it synchronises gradients of what forward computes)."""
