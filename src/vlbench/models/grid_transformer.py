@@ -99,8 +99,8 @@ class GridTransformerCaptioner(nn.Module):
         return self.out(self.norm(self.hidden(memory, ids)))
 
     def next_logp(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder output of the last position -> log-probabilities of the next word, 0 for the
-        ``NEVER_GENERATED`` ids (<pad>, <bos>, <unk>) and renormalised over the rest."""
+        """Decoder output of the last position -> log-probabilities of the next word: -inf for the
+        ``NEVER_GENERATED`` ids (<pad>, <bos>, <unk>), renormalised over the rest."""
         logits = self.out(self.norm(last_hidden)).float()
         return logits.index_fill(-1, torch.tensor(NEVER_GENERATED, device=logits.device), float("-inf")).log_softmax(-1)
 
