@@ -32,10 +32,6 @@ import numpy as np
 import torch
 
 
-# words a Flickr8k reference never ends with: a caption ending in one stopped mid-phrase
-CUT_OFF = {"a", "an", "the", "of", "on", "in", "with", "and", "at", "to", "its", "his", "her", "their"}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a captioner's trained folder (models/<variant>)")
@@ -53,7 +49,8 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vlbench.data.manifests import captions_by_row
     from vlbench.inputs import open_inputs
-    from vlbench.metrics.cider_d import CiderD, tokenize
+    from flickr8k.cut_off import share_cut_off  # benchmarks/flickr8k: captions that stop mid-phrase
+    from vlbench.metrics.cider_d import CiderD
     from vlbench.metrics.decodings import score
     from vlbench.models.trained import load_trained
     from vlbench.runtime import configure_threads
@@ -79,9 +76,8 @@ def main(argv=None) -> None:
             for s in range(0, len(dev), 64):
                 hyps.extend(model.generate(dev.batch(range(s, min(s + 64, len(dev)))), cfg.decoding))
         m = score(dev_refs, dict(zip(dev.ids, hyps)), spice=False)
-        cut = sum(bool(set(tokenize(h)[-1:]) & CUT_OFF) for h in hyps)  # captions that stop mid-phrase
         print("  " + "\n  ".join(hyps[:4]), flush=True)
-        return {**{k: round(m[k], 2) for k in ("CIDEr", "BLEU-4", "METEOR")}, "cut_off": round(100 * cut / len(hyps), 1)}
+        return {**{k: round(m[k], 2) for k in ("CIDEr", "BLEU-4", "METEOR")}, "cut_off": round(share_cut_off(hyps), 1)}
 
     rows, start = [], None
     for lr in a.lrs:
