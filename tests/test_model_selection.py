@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import env_with_venv, prepare_features, tiny_params
 from vlbench.selection import Selection
+from vlbench.training import WeightAverage
 
 # The train stage with its dev metric replaced by a script: the value at each evaluated step comes
 # from DEV_VALUES, and the model's trainable weights at that step are saved to DEV_SNAPSHOTS. The
@@ -56,7 +57,7 @@ def project(tmp_path_factory):
     return prepare_features(tmp_path_factory.mktemp("selection"), params)
 
 
-def scripted_train(d, tag: str, fault: str | None = None) -> subprocess.CompletedProcess:
+def scripted_train(d, tag: str, fault: str | None = None, params: str = "params.yaml") -> subprocess.CompletedProcess:
     env = env_with_venv()
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
     env["DEV_VALUES"] = json.dumps(DEV_VALUES)
@@ -66,7 +67,7 @@ def scripted_train(d, tag: str, fault: str | None = None) -> subprocess.Complete
     if fault:
         env["VLBENCH_FAULT"] = fault
     return subprocess.run(
-        [sys.executable, "-c", SCRIPTED, "--variant", "gridcap", "--features", "data/features/efficientnet_lite0",
+        [sys.executable, "-c", SCRIPTED, "--params", params, "--variant", "gridcap", "--features", "data/features/efficientnet_lite0",
          "--out", f"models/{tag}", "--curves", f"metrics/curves/{tag}.csv", "--checkpoints", f"checkpoints/{tag}"],
         cwd=d, env=env, capture_output=True, text=True)
 
@@ -136,6 +137,53 @@ def test_resume_keeps_the_best_so_far_and_ends_identical(project, straight):
         assert (project / "metrics" / f.format(tag)).read_text() == (project / "metrics" / f.format("straight")).read_text()
     config = json.loads((project / f"models/{tag}/config.json").read_text())
     assert config["selection"] == json.loads((project / "models/straight/config.json").read_text())["selection"]
+
+
+def test_weight_average_is_what_dev_scores_and_the_model(project, straight):
+    """optim.ema_decay: each dev evaluation scores the moving average of the weights, not the
+    step's own; the saved model is the best evaluation's average; training itself is unchanged;
+    the average is in the checkpoint, so a killed run resumes bit-identical."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["variants"]["gridcap"]["optim"]["ema_decay"] = 0.5
+    (project / "ema.yaml").write_text(yaml.safe_dump(params))
+    r = scripted_train(project, "ema", params="ema.yaml")
+    assert r.returncode == 0, r.stderr
+    r = scripted_train(project, "ema_killed", fault="KILL@13", params="ema.yaml")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    state = torch.load(project / "checkpoints/ema_killed/last.pt", weights_only=True)
+    assert state["step"] == 10
+    scored = torch.load(project / "snapshots/ema_killed/10.pt", weights_only=True)
+    assert all(torch.equal(scored[k], v) for k, v in state["average"].items())
+    assert not all(torch.equal(scored[k], state["model"][k]) for k in state["average"])  # not the step's weights
+    r = scripted_train(project, "ema_killed", params="ema.yaml")
+    assert r.returncode == 0, r.stderr
+
+    ema = load_file(str(project / "models/ema/model.safetensors"))
+    assert saved_equals(project / "models/ema/model.safetensors", project / "snapshots/ema/8.pt")
+    resumed = load_file(str(project / "models/ema_killed/model.safetensors"))
+    assert all(torch.equal(ema[k], resumed[k]) for k in ema)
+    plain = load_file(str(project / "models/straight/model.safetensors"))
+    assert not all(torch.equal(ema[k], plain[k]) for k in ema)
+    # the average does not feed back into training: the same losses as without it
+    assert (project / "metrics/curves/ema.csv").read_text() == (project / "metrics/curves/straight.csv").read_text()
+
+
+def test_weight_average_arithmetic():
+    w = torch.nn.Parameter(torch.tensor([0.0, 10.0]))
+    average = WeightAverage({"w": w}, decay=0.5)
+    with torch.no_grad():
+        w.copy_(torch.tensor([10.0, 0.0]))
+    average.update(0)  # d = min(0.5, 1/10) = 0.1
+    assert torch.allclose(average.state_dict()["w"], torch.tensor([9.0, 1.0]))
+    with torch.no_grad():
+        w.copy_(torch.tensor([1.0, 1.0]))
+    average.update(20)  # d = 0.5
+    assert torch.allclose(average.state_dict()["w"], torch.tensor([5.0, 1.0]))
+    model = torch.nn.Module()
+    model.w = w
+    with average.applied(model):
+        assert torch.allclose(w.detach(), torch.tensor([5.0, 1.0]))
+    assert torch.equal(w.detach(), torch.tensor([1.0, 1.0]))  # the trained weights are back
 
 
 def test_alignment_selects_on_dev_rsum(project):

@@ -61,6 +61,7 @@ BAD_EDITS = [
     ("variants.clip.optim.lr", edit("variants.clip.optim.lr", "fast")),
     ("variants.clip.optim.batch_size", edit("variants.clip.optim.batch_size", 0)),
     ("variants.clip.optim.steps", edit("variants.clip.optim.steps", "10")),
+    ("variants.clip.optim.ema_decay", edit("variants.clip.optim.ema_decay", 1.0)),
     ("variants.clip.text_pooling", edit("variants.clip.text_pooling", "max")),
     ("variants.clip.text_tuning", edit("variants.clip.text_tuning", True)),
     ("variants.clip.lora.r", edit("variants.clip.lora", {"r": 0})),

@@ -121,9 +121,14 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 20
     log_every: int = 10
+    # > 0: dev evaluations, model selection and the saved model use an exponential moving average
+    # of the trainable weights (vlbench/training.WeightAverage); 0: the weights of the step itself
+    ema_decay: float = 0.0
 
     def check(self, p):
         positive(p, self, "steps", "batch_size", "lr", "log_every")
+        if not 0 <= self.ema_decay < 1:
+            raise ParamError(f"{p}.ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.weight_decay < 0:
             raise ParamError(f"{p}.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:

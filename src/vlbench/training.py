@@ -1,6 +1,6 @@
 """The pieces of a training loop that the train stage and the benchmarks share: the learning-rate
 schedule, seeded batches, the frozen text encoder's cache, one step's loss, autocast, gradient
-accumulation and the resumable checkpoint."""
+accumulation, the weight average and the resumable checkpoint."""
 from __future__ import annotations
 
 import contextlib
@@ -207,6 +207,43 @@ def accumulate(step_fn, idx, cap_idx, micro_steps: int, amp, scaler, no_sync) ->
             scaler.scale(loss).backward()
         total = total + loss.detach()
     return total
+
+
+class WeightAverage:
+    """An exponential moving average of trainable weights (``optim.ema_decay``): after optimizer
+    step t (from 0), ``avg <- d * avg + (1 - d) * w`` with d = min(decay, (1 + t) / (10 + t)), so
+    the first steps' weights (far from the end of training) weigh little even in a short run.
+    ``applied(model)`` swaps the average in (for a dev evaluation and the saved model) and the
+    trained weights back afterwards: training itself always continues from its own weights."""
+
+    def __init__(self, named: dict[str, torch.Tensor], decay: float):
+        self.names, self.decay = list(named), decay
+        self.weights = [named[k] for k in self.names]  # the live parameters
+        self.average = [w.detach().clone() for w in self.weights]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, [w.detach() for w in self.weights], 1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        trained = [w.detach().clone() for w in self.weights]
+        with torch.no_grad():
+            torch._foreach_copy_(self.weights, self.average)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.weights, trained)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: a.detach().cpu() for k, a in zip(self.names, self.average)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, a in zip(self.names, self.average):
+                a.copy_(state[k])
 
 
 class Checkpoint:

@@ -9,7 +9,9 @@ Model selection (vlbench/selection.py): every ``train.eval_every`` steps and at 
 model is scored on the dev split (rsum, greedy CIDEr or the dev loss, ``train.select_on``); the
 saved model is the best evaluation's, training stops after ``train.patience`` evaluations without
 improvement, config.json records the selected step, and the dev curve goes to ``--dev-curves``
-(CSV: step, metric, value; default ``dev/<name>`` next to ``<curves>``; a DVC plot).
+(CSV: step, metric, value; default ``dev/<name>`` next to ``<curves>``; a DVC plot). With
+``optim.ema_decay`` > 0 the evaluations score (and the saved model holds) the exponential moving
+average of the trainable weights over the cross-entropy steps, not the step's own weights.
 
 Resume: every ``train.checkpoint_every`` steps (and on SIGTERM) the full training state (trainable
 weights, optimizer, step, RNG states, curve so far, MLflow run id) goes to
@@ -47,7 +49,8 @@ from ..runtime import configure_threads, fault_point, fingerprint, pick_device, 
 from ..scst import run_scst
 from ..selection import Selection, eval_cadence, make_dev_metric, selection_metric
 from ..tracking import Tracker
-from ..training import Batches, Checkpoint, TextCache, TunedTextCache, accumulate, amp_dtype, lr_at, make_step
+from ..training import (Batches, Checkpoint, TextCache, TunedTextCache, WeightAverage, accumulate, amp_dtype,
+                        lr_at, make_step)
 
 
 def make_val_loss(model: AlignmentModel | CaptioningModel, cfg, inputs, splits_dir: str, cached_text: bool, device,
@@ -123,6 +126,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         inputs = FrozenBottom(inputs, model, device, "train")
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
+    average = WeightAverage({k: p for k, p in model.named_parameters() if p.requires_grad},
+                            cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     text_cache = None
     if cfg.family == "alignment" and cfg.text_tuning == "frozen":
         model.eval()
@@ -180,6 +185,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         torch.set_rng_state(state["torch_rng"])
         start, rows, best_val = state["step"], state["rows"], state["best_val_loss"]
         selection.load_state_dict(state["selection"])
+        if average is not None:
+            average.load_state_dict(state["average"])
         if ranks.is_main:
             io.write_text(run_id_file, state["run_id"])
             print(f"vlbench train: resuming {name} from step {start}/{cfg.optim.steps}", file=sys.stderr)
@@ -203,9 +210,17 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                       optim=optim.state_dict(), scaler=scaler.state_dict(), step=next_step, rows=rows,
                       batch_rng=batches.rng.getstate(),
                       torch_rng=torch.get_rng_state(), run_id=mlflow.run_id, best_val_loss=best_val,
-                      selection=selection.state_dict(), **more)
+                      selection=selection.state_dict(),
+                      average=average.state_dict() if average is not None else None, **more)
 
-        def validate(at_step: int) -> None:
+        def validate(at_step: int, averaged: bool = True) -> None:
+            """Dev loss and metric; the weight average's, when there is one and ``averaged``
+            (cross-entropy steps; SCST trains and evaluates its own weights)."""
+            with average.applied(model) if averaged and average is not None else contextlib.nullcontext():
+                evaluate_dev(at_step)
+            model.train()  # models keep their frozen parts in eval mode themselves
+
+        def evaluate_dev(at_step: int) -> None:
             nonlocal best_val
             with amp:
                 loss = val_loss()
@@ -220,7 +235,6 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
             if dev_metric is not None:
                 logged[f"best_dev_{selection.metric}"] = selection.best
             mlflow.log_metrics(logged, step=at_step)
-            model.train()  # models keep their frozen parts in eval mode themselves
 
         trainable = {k for k, v in model.named_parameters() if v.requires_grad} | {k for k, _ in model.named_buffers()}
         t0, done = time.perf_counter(), start
@@ -239,6 +253,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(optim)
             scaler.update()
+            if average is not None:
+                average.update(step)
             if step % cfg.optim.log_every == 0 or step == cfg.optim.steps - 1:
                 value = distributed.mean(loss.item(), device)  # the loss of the global batch
                 rows.append({"step": step, "loss": round(value, 5), "lr": lr})
@@ -284,7 +300,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
             scst_rows, scst_done = run_scst(model, cfg, inputs, captions, device, mlflow, first_step=done, seed=tcfg.seed,
                                  state=state, amp=amp, scaler=scaler,
                                  save=lambda s: save_checkpoint(cfg.optim.steps, scst=s), stop=stop,
-                                 checkpoint_every=tcfg.checkpoint_every, evaluate=validate, selection=selection,
+                                 checkpoint_every=tcfg.checkpoint_every, selection=selection,
+                                 evaluate=lambda at: validate(at, averaged=False),
                                  eval_every=eval_every, name=name)
             model.load_state_dict(selection.weights, strict=False)  # the best dev evaluation of either phase
             scst_steps = {"scst_steps_trained": scst_done, "scst_steps": cfg.scst.steps}  # the selected step may lie here
