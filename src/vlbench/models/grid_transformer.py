@@ -98,11 +98,16 @@ class GridTransformerCaptioner(nn.Module):
     def logits(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(self.hidden(memory, ids)))
 
-    def next_logp(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder output of the last position -> log-probabilities of the next word: -inf for the
-        ``NEVER_GENERATED`` ids (<pad>, <bos>, <unk>), renormalised over the rest."""
-        logits = self.out(self.norm(last_hidden)).float()
+    @staticmethod
+    def generation_logp(logits: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] -> the log-probabilities captions are generated (and sampled) from:
+        -inf for the ``NEVER_GENERATED`` ids (<pad>, <bos>, <unk>), renormalised over the rest."""
+        logits = logits.float()
         return logits.index_fill(-1, torch.tensor(NEVER_GENERATED, device=logits.device), float("-inf")).log_softmax(-1)
+
+    def next_logp(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder output of the last position -> log-probabilities of the next word (``generation_logp``)."""
+        return self.generation_logp(self.out(self.norm(last_hidden)))
 
     def forward(self, grid: torch.Tensor, captions: list[str], rows: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss (DDP's entry point: it synchronises gradients of what forward computes)."""

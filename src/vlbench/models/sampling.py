@@ -83,16 +83,14 @@ def sample_grid_transformer(model, grid: torch.Tensor, k: int, max_len: int,
     cache; equal in fp32, within bf16 rounding under autocast). About 1.3x faster per SCST step than
     back-propagating through the token-by-token cache (benchmarks/scst_step.py). ``max_len``
     counts BOS and EOS, as the model's ``max_len`` does (capped by it)."""
-    from .tokenizers import BOS, NEVER_GENERATED
+    from .tokenizers import BOS
 
     memory = model.encode(grid).repeat_interleave(k, 0)
     with torch.no_grad():
         ids, _, lengths = sample_on_cache(model, memory, max_len, generator)
     inputs = torch.cat([torch.full_like(ids[:, :1], BOS), ids[:, :-1]], 1)
-    logits = model.logits(memory, inputs).float()
-    # never sampled: NEVER_GENERATED (as next_logp); renormalised over the rest, as sampled
-    logits = logits.index_fill(-1, torch.tensor(NEVER_GENERATED, device=logits.device), float("-inf"))
-    chosen = logits.log_softmax(-1).gather(2, ids[:, :, None]).squeeze(2)
+    # the distribution sampled from (next_logp's): without <pad>, <bos>, <unk>, renormalised
+    chosen = model.generation_logp(model.logits(memory, inputs)).gather(2, ids[:, :, None]).squeeze(2)
     counted = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]  # up to each row's EOS
     logprobs = torch.where(counted, chosen, torch.zeros_like(chosen)).sum(1)
     return Samples(ids, [model.vocab.decode(row) for row in ids.tolist()], logprobs, lengths)
