@@ -179,9 +179,7 @@ def test_weight_average_arithmetic():
         w.copy_(torch.tensor([1.0, 1.0]))
     average.update(20)  # d = 0.5
     assert torch.allclose(average.state_dict()["w"], torch.tensor([5.0, 1.0]))
-    model = torch.nn.Module()
-    model.w = w
-    with average.applied(model):
+    with average.applied():
         assert torch.allclose(w.detach(), torch.tensor([5.0, 1.0]))
     assert torch.equal(w.detach(), torch.tensor([1.0, 1.0]))  # the trained weights are back
 

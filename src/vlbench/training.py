@@ -213,7 +213,7 @@ class WeightAverage:
     """An exponential moving average of trainable weights (``optim.ema_decay``): after optimizer
     step t (from 0), ``avg <- d * avg + (1 - d) * w`` with d = min(decay, (1 + t) / (10 + t)), so
     the first steps' weights (far from the end of training) weigh little even in a short run.
-    ``applied(model)`` swaps the average in (for a dev evaluation and the saved model) and the
+    ``applied()`` swaps the average into the live parameters (for a dev evaluation and the saved model) and the
     trained weights back afterwards: training itself always continues from its own weights."""
 
     def __init__(self, named: dict[str, torch.Tensor], decay: float):
@@ -224,15 +224,15 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.average, [w.detach() for w in self.weights], 1.0 - d)
+        torch._foreach_lerp_(self.average, self.weights, 1.0 - d)
 
     @contextlib.contextmanager
-    def applied(self, model):
+    def applied(self):
         trained = [w.detach().clone() for w in self.weights]
         with torch.no_grad():
             torch._foreach_copy_(self.weights, self.average)
         try:
-            yield model
+            yield
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.weights, trained)

@@ -216,7 +216,7 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         def validate(at_step: int, averaged: bool = True) -> None:
             """Dev loss and metric; the weight average's, when there is one and ``averaged``
             (cross-entropy steps; SCST trains and evaluates its own weights)."""
-            with average.applied(model) if averaged and average is not None else contextlib.nullcontext():
+            with average.applied() if averaged and average is not None else contextlib.nullcontext():
                 evaluate_dev(at_step)
             model.train()  # models keep their frozen parts in eval mode themselves
 
