@@ -4,6 +4,7 @@ learning rates: does dev CIDEr keep rising past the configured SCST phase?
     python benchmarks/scst_learning_rate.py --model models/grid_transformer \
         --features data/features/efficientnet_lite2 --splits data/splits \
         [--lrs 5e-5 2e-4] [--steps 200] [--eval-every 100] [--warmup 0] [--batch-size 16] [--mark-end]
+        [--candidates sample|beam]
         [--out benchmarks/flickr8k/scst_learning_rate.json]
 
 Each learning rate continues from the same trained model (a fresh copy each time) with the train
@@ -14,7 +15,8 @@ on every dev image, before SCST and every ``--eval-every`` steps, next to the me
 those steps (CIDEr-D x100 of the samples, on training images) and the share of dev captions cut off
 mid-phrase (ending in "a", "the", "of", ...; the first four dev captions are printed too).
 ``--warmup`` and ``--batch-size`` override the variant's ``scst.warmup_steps`` and ``scst.batch_size``;
-``--mark-end`` rewards with CIDEr-D that counts an end token in its n-grams (``CiderD(mark_end=True)``).
+``--candidates`` overrides the variant's ``scst.candidates`` (sampled captions, or the beams of a
+beam search); ``--mark-end`` rewards with CIDEr-D that counts an end token in its n-grams (``CiderD(mark_end=True)``).
 Prints a table and writes it as JSON.
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="images per SCST step (default: the variant's scst.batch_size)")
     ap.add_argument("--mark-end", action="store_true", help="the reward's CIDEr-D counts an end token in its n-grams")
     ap.add_argument("--warmup", type=int, default=None, help="SCST warm-up steps (default: the variant's scst.warmup_steps)")
+    ap.add_argument("--candidates", choices=["sample", "beam"], default=None,
+                    help="SCST candidates per image (default: the variant's scst.candidates)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/flickr8k/scst_learning_rate.json")
     a = ap.parse_args(argv)
@@ -68,6 +72,8 @@ def main(argv=None) -> None:
         scfg = dataclasses.replace(scfg, warmup_steps=a.warmup)
     if a.batch_size is not None:
         scfg = dataclasses.replace(scfg, batch_size=a.batch_size)
+    if a.candidates is not None:
+        scfg = dataclasses.replace(scfg, candidates=a.candidates)
 
     def dev_scores(model) -> dict:
         model.eval()
@@ -88,7 +94,7 @@ def main(argv=None) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
         trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, opt, torch.Generator().manual_seed(a.seed + 1),
-                              torch.autocast("cpu", dtype=torch.bfloat16))
+                              torch.autocast("cpu", dtype=torch.bfloat16), candidates=scfg.candidates)
         rng, rewards, curve, t0 = random.Random(a.seed), [], [], time.perf_counter()
         for s in range(a.steps):
             idx = sorted(rng.sample(range(len(train)), scfg.batch_size))
@@ -100,7 +106,8 @@ def main(argv=None) -> None:
                 curve.append(point)
                 print(f"lr {lr:g}: {point} ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows.append({"lr": lr, "warmup_steps": scfg.warmup_steps, "curve": curve, "seconds": round(time.perf_counter() - t0, 1)})
-    print(f"\n{a.model}: SCST {a.steps} steps of {scfg.batch_size} images x {scfg.samples} samples from the trained "
+    print(f"\n{a.model}: SCST {a.steps} steps of {scfg.batch_size} images x {scfg.samples} "
+          f"{'beams' if scfg.candidates == 'beam' else 'samples'} from the trained "
           f"model; dev split ({len(dev)} images), decoding {cfg.decoding.strategy} {cfg.decoding.beam_size}"
           f"{', trigrams blocked' if cfg.decoding.block_trigrams else ''}\n")
     print(f"{scfg.batch_size} images a step; learning rate reached linearly over the first {scfg.warmup_steps} SCST "

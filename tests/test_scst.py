@@ -199,6 +199,33 @@ def test_grid_transformer_samples_carry_gradients_and_their_true_logprobs(traine
     assert again.texts == s.texts  # seeded
 
 
+def test_grid_transformer_beams_are_its_beam_search_with_their_true_logprobs(trained_grid_captioner):
+    """``scst.candidates: beam``: the k candidates of an image are the k beams of a width-k beam
+    search, best first (the first is what ``generate`` decodes with that beam), distinct, with the
+    summed log-probabilities of the cache-free path and gradients; no generator, so deterministic."""
+    from vlbench.config import DecodingConfig
+
+    model, grid = trained_grid_captioner
+    grid, k = grid[:4], 3
+    s = model.beams_with_logprobs(grid, k, 20)
+    assert len(s.texts) == 12 and s.logprobs.shape == (12,) and s.logprobs.requires_grad
+    assert s.texts == [model.vocab.decode(r) for r in s.ids.tolist()]
+    with torch.no_grad():
+        assert s.texts[::k] == model.generate(grid, DecodingConfig(strategy="beam", beam_size=k, max_len=20))
+        reference, lengths = stepwise_grid_logprobs(model, grid, k, s.ids)
+        assert torch.allclose(s.logprobs, reference, atol=1e-4)
+        assert torch.equal(s.lengths, lengths)
+    for i in range(len(grid)):
+        rows = s.ids[i * k : (i + 1) * k]
+        assert len({tuple(r) for r in rows.tolist()}) == k  # k different captions
+        assert (reference[i * k : (i + 1) * k].diff() <= 1e-4).all()  # best first
+    model.zero_grad()
+    s.logprobs.sum().backward()
+    assert model.in_proj[0].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    assert model.beams_with_logprobs(grid, k, 20).texts == s.texts
+
+
 @pytest.fixture()
 def gpt2_hub(monkeypatch):
     from vlbench.models import components, registry
@@ -269,6 +296,17 @@ def test_bad_scst_params_name_the_key(edit, key):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("model", ["vision_prefix", "cross_attention_lm"])
+def test_beam_candidates_are_refused_for_the_lm_captioners(model):
+    from vlbench.models.variants import build_variant
+
+    raw = {"model": model, "image_encoder": "efficientnet_lite0", "scst": {"steps": 5, "candidates": "beam"}}
+    with pytest.raises(ParamError, match=r"^variants\.t\.scst\.candidates: 'beam' is implemented for the grid transformer only"):
+        build_variant("t", raw)
+    assert build_variant("t", {**raw, "model": "grid_transformer"}).scst.candidates == "beam"
+    assert build_variant("t", {**raw, "scst": {"steps": 5}}).scst.candidates == "sample"
+
+
 def test_scst_defaults_are_off_for_every_captioner():
     from vlbench.models.variants import build_variant
 
@@ -311,7 +349,8 @@ def greedy_cider(model, cider, grid, references) -> float:
     return 100.0 * cider.corpus_score(model.generate(grid, greedy), references)
 
 
-def test_scst_raises_dev_cider_on_a_toy_task():
+@pytest.mark.parametrize("candidates", ["sample", "beam"])
+def test_scst_raises_dev_cider_on_a_toy_task(candidates):
     from vlbench.models.tokenizers import Vocabulary
     from vlbench.models.variants import build_variant, create_variant_model
 
@@ -336,11 +375,13 @@ def test_scst_raises_dev_cider_on_a_toy_task():
     cider = CiderD(train_refs)  # document frequencies: training references only
     before = greedy_cider(model, cider, dev_grid, dev_refs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    trainer = ScstTrainer(model, cider, samples=5, max_len=12, optimizer=opt, generator=torch.Generator().manual_seed(0))
+    trainer = ScstTrainer(model, cider, samples=5, max_len=12, optimizer=opt, generator=torch.Generator().manual_seed(0),
+                          candidates=candidates)
     rewards = []
     for step in range(8):
         idx = sorted(rng.sample(range(len(train_grid)), 8))
         rewards.append(trainer.step(train_grid[idx], [train_refs[i] for i in idx])["reward"])
     after = greedy_cider(model, cider, dev_grid, dev_refs)
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3])
+    if candidates == "sample":  # the beams' mean reward need not rise in 8 steps: as the first beam
+        assert np.mean(rewards[-3:]) > np.mean(rewards[:3])  # improves, the ones below it spread out
     assert after > before + 5, (before, after)

@@ -170,17 +170,21 @@ class DecodingConfig:
 @dataclass
 class ScstConfig:
     """Self-critical sequence training after the cross-entropy steps (vlbench/scst.py): CIDEr-D of
-    sampled captions (document frequencies of the training references) as the reward, the mean
+    candidate captions (document frequencies of the training references) as the reward, the mean
     reward of the image's other samples as the baseline. steps 0 = off."""
 
     steps: int = 0
-    samples: int = 5  # captions sampled per image; the baseline of each is the mean of the other samples
+    samples: int = 5  # candidate captions per image (sampled, or beams); the baseline of each is the mean of the others
     lr: float = 1e-5  # constant, AdamW; gradients clipped at norm 1 as in cross-entropy training
     batch_size: int = 16  # images per step (x samples captions)
     max_len: int = 24  # tokens per sampled caption at most (the grid transformer: BOS and EOS included)
     # lr rises linearly over the first warmup_steps: a fresh AdamW's first updates move every weight
     # by about lr whatever the (noisy) policy gradient's size
     warmup_steps: int = 0
+    # each image's ``samples`` candidates: drawn from the model's full distribution ("sample"), or the
+    # beams of a beam search that wide ("beam", the M2 transformer's SCST; the grid transformer only):
+    # beam candidates train the captions beam decoding produces (benchmarks/RESULTS.md, Flickr8k dev)
+    candidates: Literal["sample", "beam"] = "sample"
 
     def check(self, p):
         if self.steps < 0:
@@ -191,6 +195,14 @@ class ScstConfig:
         positive(p, self, "lr", "batch_size", "max_len")
         if self.warmup_steps < 0:
             raise ParamError(f"{p}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+def check_scst_sampled(p: str, scst: ScstConfig) -> None:
+    """The LM captioners' SCST: sampled candidates only (beam candidates need the grid transformer's
+    own beam search)."""
+    if scst.candidates != "sample":
+        raise ParamError(f"{p}.candidates: {scst.candidates!r} is implemented for the grid transformer only; "
+                         f"use 'sample' for this captioner")
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Self-critical sequence training (SCST) of a captioner after its cross-entropy steps
 (``variants.<name>.scst``, steps 0 = off).
 
-Each step draws ``scst.batch_size`` training images, samples ``scst.samples`` = k captions per
-image from the model's full distribution (``sample_with_logprobs``: summed log-probabilities with
-gradients), rewards each with its CIDEr-D against the image's training references (metrics/cider_d.py;
+Each step draws ``scst.batch_size`` training images, takes ``scst.samples`` = k candidate captions
+per image, sampled from the model's full distribution (``sample_with_logprobs``: summed
+log-probabilities with gradients) or, with ``scst.candidates: beam``, the k beams of a width-k beam
+search (``beams_with_logprobs``, the grid transformer; the M2 transformer's SCST), rewards each with its CIDEr-D against the image's training references (metrics/cider_d.py;
 document frequencies of the training references only, never dev or test), and minimises
 
     - mean over samples of (reward - baseline) x log p(caption)
@@ -70,8 +71,10 @@ class ScstTrainer:
     """One SCST update per ``step(grid, references)``; ``references[i]`` are image i's training captions."""
 
     def __init__(self, model, cider: CiderD, samples: int, max_len: int, optimizer: torch.optim.Optimizer,
-                 generator: torch.Generator | None = None, amp=None, scaler=None, clip: float = 1.0):
+                 generator: torch.Generator | None = None, amp=None, scaler=None, clip: float = 1.0,
+                 candidates: str = "sample"):
         self.model, self.cider, self.k, self.max_len = model, cider, samples, max_len
+        self.candidates = candidates
         self.optimizer, self.generator, self.clip = optimizer, generator, clip
         self.amp = amp or contextlib.nullcontext()
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
@@ -85,7 +88,10 @@ class ScstTrainer:
     def step(self, grid: torch.Tensor, references: Sequence[Sequence[str]]) -> dict[str, float]:
         self.model.eval()  # dropout off: sample (and train) the policy that evaluation decodes with
         with self.amp:
-            s = self.model.sample_with_logprobs(grid, self.k, self.max_len, self.generator)
+            if self.candidates == "beam":
+                s = self.model.beams_with_logprobs(grid, self.k, self.max_len)
+            else:
+                s = self.model.sample_with_logprobs(grid, self.k, self.max_len, self.generator)
         rewards = self.rewards(s.texts, references)
         loss, baseline = scst_loss(s.logprobs, rewards.to(s.logprobs.device))
         self.optimizer.zero_grad(set_to_none=True)
@@ -112,7 +118,8 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
     cider = CiderD(captions)  # document frequencies: the training references only
     rng = random.Random(seed + 7919)  # images per step; its own stream: the cross-entropy batches are untouched
     generator = torch.Generator(device=device).manual_seed(seed + 104729)
-    trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, optimizer, generator, amp, scaler)
+    trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, optimizer, generator, amp, scaler,
+                          candidates=scfg.candidates)
 
     resumed = (state or {}).get("scst")
     if resumed is not None:

@@ -89,10 +89,11 @@ def sample_or_greedy(state, batch: int, bos, eos, max_len, decoding, generator=N
     return ids
 
 
-def beam_search(state, batch: int, bos, eos, beam: int, max_len: int) -> torch.Tensor:
+def beam_search_all(state, batch: int, bos, eos, beam: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched beam search over ``state`` (rows = batch x beam, item-major; ``state.reorder(rows)``
-    follows the surviving beams); finished beams only extend with EOS at no cost. Returns the best
-    beam per item by total log-probability (beam=1 reduces exactly to greedy)."""
+    follows the surviving beams); finished beams only extend with EOS at no cost. -> (every final
+    beam's ids [batch*beam, T], item-major, each item's beams best first; their summed
+    log-probabilities [batch, beam])."""
     b, device = batch, state.device
     ids = torch.full((b * beam, 1), bos, dtype=torch.long, device=device)
     scores = torch.zeros(b, beam, device=device)
@@ -113,8 +114,14 @@ def beam_search(state, batch: int, bos, eos, beam: int, max_len: int) -> torch.T
         done = done[src] | (tok.view(-1) == eos)
         if done.all():
             break
-    best = scores.argmax(-1) + torch.arange(b, device=device) * beam
-    return ids[best]
+    return ids, scores
+
+
+def beam_search(state, batch: int, bos, eos, beam: int, max_len: int) -> torch.Tensor:
+    """The best beam per item of ``beam_search_all``, by total log-probability (beam=1 reduces
+    exactly to greedy) -> ids [batch, T]."""
+    ids, scores = beam_search_all(state, batch, bos, eos, beam, max_len)
+    return ids[scores.argmax(-1) + torch.arange(batch, device=ids.device) * beam]
 
 
 class TrigramBlocking:

@@ -16,7 +16,7 @@ from ..errors import ParamError
 from .decoding import CachedDecoding, FullDecoding, TrigramBlocking, beam_search, sample_or_greedy
 from .positions import RotaryEncoderLayer, sincos_2d
 from .registry import check_image_encoder
-from .sampling import Samples, sample_grid_transformer
+from .sampling import Samples, beams_grid_transformer, sample_grid_transformer
 from .tokenizers import BOS, EOS, NEVER_GENERATED, PAD, BPEVocabulary, Vocabulary, pad_sequences
 from .variant_registry import register_variant
 
@@ -141,6 +141,11 @@ class GridTransformerCaptioner(nn.Module):
         """k captions sampled per image (rows item-major) with their summed log-probabilities,
         which carry gradients (self-critical training; models/sampling.py)."""
         return sample_grid_transformer(self, grid, k, max_len, generator)
+
+    def beams_with_logprobs(self, grid: torch.Tensor, k: int, max_len: int) -> Samples:
+        """The k beams of a width-k beam search per image (rows item-major, best first) with their
+        summed log-probabilities, which carry gradients (SCST with ``candidates: beam``)."""
+        return beams_grid_transformer(self, grid, k, max_len)
 
 
 def word_vocabulary(cfg: GridTransformerConfig, captions: list[str]) -> dict:

@@ -8,6 +8,9 @@ scores the samples in one teacher-forced pass; the LM captioners sample on the L
 gradients, the image part (the prefix, or the start token under cross-attention) run once.
 Hugging Face ``generate`` runs under ``no_grad``, hence the loop here.
 
+The grid transformer also offers its k beams per image as candidates instead of samples
+(``scst.candidates: beam``, the M2 transformer's SCST), scored the same way.
+
 Rows are item-major: rows ``i*k .. i*k+k-1`` are the k samples of image i.
 """
 from __future__ import annotations
@@ -83,13 +86,36 @@ def sample_grid_transformer(model, grid: torch.Tensor, k: int, max_len: int,
     cache; equal in fp32, within bf16 rounding under autocast). About 1.3x faster per SCST step than
     back-propagating through the token-by-token cache (benchmarks/scst_step.py). ``max_len``
     counts BOS and EOS, as the model's ``max_len`` does (capped by it)."""
-    from .tokenizers import BOS
-
     memory = model.encode(grid).repeat_interleave(k, 0)
     with torch.no_grad():
         ids, _, lengths = sample_on_cache(model, memory, max_len, generator)
+    return _scored_grid_transformer(model, memory, ids, lengths)
+
+
+def beams_grid_transformer(model, grid: torch.Tensor, k: int, max_len: int) -> Samples:
+    """The grid transformer's k beams per image (beam search of width k on its KV cache, no
+    trigram blocking, each image's beams best first) as candidates for SCST, with their summed
+    log-probabilities by one teacher-forced pass with gradients, as ``sample_grid_transformer``.
+    Deterministic: no generator."""
+    from .decoding import CachedDecoding, beam_search_all
+    from .tokenizers import BOS, EOS
+
+    memory = model.encode(grid).repeat_interleave(k, 0)
+    with torch.no_grad():
+        ids, _ = beam_search_all(CachedDecoding(model, memory), len(grid), BOS, EOS, k, min(max_len, model.cfg.max_len))
+    ids = ids[:, 1:]  # without the start token; EOS-filled after each beam's first EOS
+    ended = ids == EOS
+    lengths = torch.where(ended.any(1), ended.long().argmax(1) + 1, ids.shape[1])  # EOS counted when there is one
+    return _scored_grid_transformer(model, memory, ids, lengths)
+
+
+def _scored_grid_transformer(model, memory: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> Samples:
+    """Captions ``ids`` [R, T] (no start token) of the memory rows -> Samples with their summed
+    log-probabilities up to each row's length, under the distribution they are generated from
+    (``generation_logp``: without <pad>, <bos>, <unk>, renormalised), by one teacher-forced pass."""
+    from .tokenizers import BOS
+
     inputs = torch.cat([torch.full_like(ids[:, :1], BOS), ids[:, :-1]], 1)
-    # the distribution sampled from (next_logp's): without <pad>, <bos>, <unk>, renormalised
     chosen = model.generation_logp(model.logits(memory, inputs)).gather(2, ids[:, :, None]).squeeze(2)
     counted = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]  # up to each row's EOS
     logprobs = torch.where(counted, chosen, torch.zeros_like(chosen)).sum(1)
