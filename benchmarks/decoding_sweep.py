@@ -1,10 +1,10 @@
-"""Dev-split experiment: which beam size (with and without trigram blocking) should a trained
-captioner decode with? The evaluate stage scores the configured decoding beside greedy on the test
+"""Dev-split experiment: which beam size (with and without trigram blocking, with which
+``length_penalty``) should a trained captioner decode with? The evaluate stage scores the configured decoding beside greedy on the test
 split; this chooses the configured one on dev, where choices belong.
 
     python benchmarks/decoding_sweep.py --model models/grid_transformer \
         --features data/features/efficientnet_lite2 --splits data/splits \
-        [--beams 1 3 5 7] [--out benchmarks/flickr8k/decoding_sweep.json]
+        [--beams 1 3 5 7] [--length-penalties 0 1] [--out benchmarks/flickr8k/decoding_sweep.json]
 
 Every decoding runs on every dev image with the variant's own generate (the evaluate stage's
 batched decoding, fp32) and is scored by the evaluate stage's code (pycocoevalcap, diversity). Prints
@@ -31,6 +31,8 @@ def main(argv=None) -> None:
     ap.add_argument("--features", required=True)
     ap.add_argument("--splits", required=True)
     ap.add_argument("--beams", nargs="+", type=int, default=[1, 3, 5, 7], help="beam sizes (1 = greedy)")
+    ap.add_argument("--length-penalties", nargs="+", type=float, default=[0.0],
+                    help="beam search's decoding.length_penalty values (beam sizes > 1 only)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/flickr8k/decoding_sweep.json")
     a = ap.parse_args(argv)
@@ -48,22 +50,23 @@ def main(argv=None) -> None:
     refs = dict(zip(dev.ids, captions_by_row(a.splits, "val", dev.ids)))
     ref_words = statistics.mean(len(c.split()) for caps in refs.values() for c in caps)
     rows = []
-    for beam in a.beams:
-        for block in (False, True):
-            d = dataclasses.replace(cfg.decoding, strategy="beam" if beam > 1 else "greedy", beam_size=max(beam, 1),
-                                    block_trigrams=block)
-            t0, hyps = time.perf_counter(), []
-            with torch.no_grad():
-                for s in range(0, len(dev), a.batch_size):
-                    hyps.extend(model.generate(dev.batch(range(s, min(s + a.batch_size, len(dev)))), d))
-            seconds = time.perf_counter() - t0
-            m = score(refs, dict(zip(dev.ids, hyps)), spice=False)
-            row = {"decoding": decoding_name(d), "beam": beam, "block_trigrams": block,
-                   **{k: round(m[k], 2) for k in ("CIDEr", "BLEU-4", "METEOR", "distinct_captions", "trigram_repeat")},
-                   "words": round(statistics.mean(len(h.split()) for h in hyps), 2),
-                   "captions_per_s": round(len(hyps) / seconds, 1)}
-            rows.append(row)
-            print(row, flush=True)
+    choices = [(beam, block, lp) for beam in a.beams for block in (False, True)
+               for lp in (a.length_penalties if beam > 1 else [0.0])]
+    for beam, block, lp in choices:
+        d = dataclasses.replace(cfg.decoding, strategy="beam" if beam > 1 else "greedy", beam_size=max(beam, 1),
+                                block_trigrams=block, length_penalty=lp)
+        t0, hyps = time.perf_counter(), []
+        with torch.no_grad():
+            for s in range(0, len(dev), a.batch_size):
+                hyps.extend(model.generate(dev.batch(range(s, min(s + a.batch_size, len(dev)))), d))
+        seconds = time.perf_counter() - t0
+        m = score(refs, dict(zip(dev.ids, hyps)), spice=False)
+        row = {"decoding": decoding_name(d), "beam": beam, "block_trigrams": block, "length_penalty": lp,
+               **{k: round(m[k], 2) for k in ("CIDEr", "BLEU-4", "METEOR", "distinct_captions", "trigram_repeat")},
+               "words": round(statistics.mean(len(h.split()) for h in hyps), 2),
+               "captions_per_s": round(len(hyps) / seconds, 1)}
+        rows.append(row)
+        print(row, flush=True)
     configured = decoding_name(cfg.decoding)
     print(f"\n{a.model}: dev split ({len(dev)} images, references {ref_words:.2f} words on average); "
           f"configured decoding {configured}\n")

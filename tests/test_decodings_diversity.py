@@ -73,6 +73,39 @@ def test_trigram_blocking_breaks_a_loop(search):
     assert blocked.shape[1] > 6  # it went on, with other tokens
 
 
+class ShortOrLong:
+    """A decoder state with two captions: EOS at once (log p = log 0.5 + log 1), or token 3 then
+    three times token 4 then EOS, each step at 0.9 after the first 0.5: the short caption has the
+    larger sum of log-probabilities, the long one the larger mean per token."""
+    EOS, V = 2, 5
+
+    def __init__(self):
+        self.device = torch.device("cpu")
+
+    def logp(self, ids):
+        p = torch.full((len(ids), self.V), 1e-6)
+        for r, row in enumerate(ids.tolist()):
+            if len(row) == 1:
+                p[r, self.EOS], p[r, 3] = 0.5, 0.5
+            else:
+                p[r, 4 if len(row) < 5 else self.EOS] = 0.9
+        return (p / p.sum(-1, keepdim=True)).log()
+
+    def reorder(self, rows):
+        pass
+
+
+def test_length_penalty_ranks_by_the_mean_per_token():
+    def caption(lp):
+        return [t for t in beam_search(ShortOrLong(), 1, 1, ShortOrLong.EOS, 2, 10, lp)[0].tolist()[1:] if t != 2]
+
+    assert caption(0.0) == []  # sum: log 0.5 > log 0.5 + 4 log 0.9
+    assert caption(1.0) == [3, 4, 4, 4]  # mean: log 0.5 / 1 < (log 0.5 + 4 log 0.9) / 5
+    assert decoding_name(DecodingConfig(strategy="beam", beam_size=3, length_penalty=1.0, block_trigrams=True)) \
+        == "beam3_lp1_block_trigrams"
+    assert decoding_name(DecodingConfig(strategy="greedy", length_penalty=1.0)) == "greedy"
+
+
 def test_grid_transformer_blocks_trigrams_with_and_without_cache(trained_grid_captioner):
     model, grid = trained_grid_captioner
     for strategy in ("greedy", "beam"):

@@ -297,12 +297,16 @@ def test_bad_scst_params_name_the_key(edit, key):
 
 
 @pytest.mark.parametrize("model", ["vision_prefix", "cross_attention_lm"])
-def test_beam_candidates_are_refused_for_the_lm_captioners(model):
+def test_beam_candidates_and_length_penalty_are_refused_for_the_lm_captioners(model):
     from vlbench.models.variants import build_variant
 
     raw = {"model": model, "image_encoder": "efficientnet_lite0", "scst": {"steps": 5, "candidates": "beam"}}
     with pytest.raises(ParamError, match=r"^variants\.t\.scst\.candidates: 'beam' is implemented for the grid transformer only"):
         build_variant("t", raw)
+    lp = {**raw, "scst": {}, "decoding": {"strategy": "beam", "length_penalty": 1.0}}
+    with pytest.raises(ParamError, match=r"^variants\.t\.decoding\.length_penalty: implemented for the grid transformer only"):
+        build_variant("t", lp)
+    assert build_variant("t", {**lp, "model": "grid_transformer"}).decoding.length_penalty == 1.0
     assert build_variant("t", {**raw, "model": "grid_transformer"}).scst.candidates == "beam"
     assert build_variant("t", {**raw, "scst": {"steps": 5}}).scst.candidates == "sample"
 

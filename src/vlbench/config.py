@@ -161,10 +161,15 @@ class DecodingConfig:
     # never emit a token trigram twice in one caption: the grid transformer's own search (word
     # trigrams with the words tokenizer); LM captioners through generate's no_repeat_ngram_size=3
     block_trigrams: bool = False
+    # beam search ranks captions by summed log-probability / tokens ** length_penalty: 0 = the plain
+    # sum, which favours short captions; 1 = the mean per token. The grid transformer's own search
+    # only: the LM captioners' generate applies Hugging Face's own (length_penalty 1.0)
+    length_penalty: float = 0.0
 
     def check(self, p):
         positive(p, self, "beam_size", "temperature", "max_len")
         in_range(p, self, "top_p", 1e-6, 1.0)
+        in_range(p, self, "length_penalty", 0.0, 5.0)
 
 
 @dataclass
@@ -197,11 +202,14 @@ class ScstConfig:
             raise ParamError(f"{p}.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
-def check_scst_sampled(p: str, scst: ScstConfig) -> None:
-    """The LM captioners' SCST: sampled candidates only (beam candidates need the grid transformer's
-    own beam search)."""
+def check_lm_captioner_search(p: str, decoding: DecodingConfig, scst: ScstConfig) -> None:
+    """What only the grid transformer's own beam search offers: the LM captioners decode through
+    Hugging Face generate (its own length normalisation) and train SCST on sampled candidates."""
+    if decoding.length_penalty != 0:
+        raise ParamError(f"{p}.decoding.length_penalty: implemented for the grid transformer only (this "
+                         f"captioner's generate applies Hugging Face's own, 1.0); leave it at 0")
     if scst.candidates != "sample":
-        raise ParamError(f"{p}.candidates: {scst.candidates!r} is implemented for the grid transformer only; "
+        raise ParamError(f"{p}.scst.candidates: {scst.candidates!r} is implemented for the grid transformer only; "
                          f"use 'sample' for this captioner")
 
 

@@ -17,8 +17,11 @@ BLOCK = "_block_trigrams"
 
 
 def decoding_name(d) -> str:
-    """greedy | beam<k> | nucleus, plus ``_block_trigrams`` when set (a valid MLflow metric-name part)."""
+    """greedy | beam<k> (plus ``_lp<length_penalty>`` when not 0) | nucleus, plus ``_block_trigrams``
+    when set (a valid MLflow metric-name part)."""
     base = f"beam{d.beam_size}" if d.strategy == "beam" else d.strategy
+    if d.strategy == "beam" and getattr(d, "length_penalty", 0):
+        base += f"_lp{d.length_penalty:g}"
     return base + (BLOCK if getattr(d, "block_trigrams", False) else "")
 
 

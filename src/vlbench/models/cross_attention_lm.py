@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecodingConfig, OptimConfig, ScstConfig, VariantConfig, check_scst_sampled, in_range, positive
+from ..config import DecodingConfig, OptimConfig, ScstConfig, VariantConfig, check_lm_captioner_search, in_range, positive
 from .lm_captioner import LMCaptioner
 from .sampling import Samples, sample_after_embeds
 from .multihead import merge_heads, split_heads
@@ -54,7 +54,7 @@ class CrossAttentionLMConfig(VariantConfig):
         in_range(p, self, "dropout", 0.0, 0.9)
         check_image_encoder(f"{p}.image_encoder", self.image_encoder)
         check_language_model(f"{p}.language_model", self.language_model)
-        check_scst_sampled(f"{p}.scst", self.scst)
+        check_lm_captioner_search(p, self.decoding, self.scst)
 
 
 class GatedCrossAttention(nn.Module):

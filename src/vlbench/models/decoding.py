@@ -89,15 +89,18 @@ def sample_or_greedy(state, batch: int, bos, eos, max_len, decoding, generator=N
     return ids
 
 
-def beam_search_all(state, batch: int, bos, eos, beam: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def beam_search_all(state, batch: int, bos, eos, beam: int, max_len: int,
+                    length_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched beam search over ``state`` (rows = batch x beam, item-major; ``state.reorder(rows)``
-    follows the surviving beams); finished beams only extend with EOS at no cost. -> (every final
-    beam's ids [batch*beam, T], item-major, each item's beams best first; their summed
-    log-probabilities [batch, beam])."""
+    follows the surviving beams); finished beams only extend with EOS at no cost. Beams are ranked
+    by summed log-probability / (tokens so far, EOS included) ** ``length_penalty`` (0: the plain
+    sum, which favours short captions; 1: the mean per token). -> (every final beam's ids
+    [batch*beam, T], item-major, each item's beams best first; their ranking scores [batch, beam])."""
     b, device = batch, state.device
     ids = torch.full((b * beam, 1), bos, dtype=torch.long, device=device)
     scores = torch.zeros(b, beam, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    lengths = torch.zeros(b * beam, device=device)
     done = torch.zeros(b * beam, dtype=torch.bool, device=device)
     for _ in range(max_len - 1):
         logp = state.logp(ids)  # [b*beam, V]
@@ -105,22 +108,25 @@ def beam_search_all(state, batch: int, bos, eos, beam: int, max_len: int) -> tup
         frozen = torch.full_like(logp, float("-inf"))
         frozen[:, eos] = 0.0
         logp = torch.where(done[:, None], frozen, logp)
-        total = (scores.view(-1, 1) + logp).view(b, beam * v)
-        scores, flat = total.topk(beam, -1)
+        total = scores.view(-1, 1) + logp
+        grown = torch.where(done, lengths, lengths + 1)  # a finished beam keeps its length
+        ranked = total if length_penalty == 0 else total / grown[:, None] ** length_penalty
+        _, flat = ranked.view(b, beam * v).topk(beam, -1)
+        scores = total.view(b, beam * v).gather(1, flat)
         src = ((flat // v) + torch.arange(b, device=device)[:, None] * beam).view(-1)
         tok = flat % v
         ids = torch.cat([ids[src], tok.view(-1, 1)], 1)
+        lengths = grown[src]
         state.reorder(src)
         done = done[src] | (tok.view(-1) == eos)
         if done.all():
             break
-    return ids, scores
+    return ids, scores if length_penalty == 0 else scores / lengths.view(b, beam).clamp(min=1) ** length_penalty
 
 
-def beam_search(state, batch: int, bos, eos, beam: int, max_len: int) -> torch.Tensor:
-    """The best beam per item of ``beam_search_all``, by total log-probability (beam=1 reduces
-    exactly to greedy) -> ids [batch, T]."""
-    ids, scores = beam_search_all(state, batch, bos, eos, beam, max_len)
+def beam_search(state, batch: int, bos, eos, beam: int, max_len: int, length_penalty: float = 0.0) -> torch.Tensor:
+    """The best beam per item of ``beam_search_all`` (beam=1 reduces exactly to greedy) -> ids [batch, T]."""
+    ids, scores = beam_search_all(state, batch, bos, eos, beam, max_len, length_penalty)
     return ids[scores.argmax(-1) + torch.arange(batch, device=ids.device) * beam]
 
 

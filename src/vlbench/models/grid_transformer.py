@@ -131,7 +131,7 @@ class GridTransformerCaptioner(nn.Module):
             state = TrigramBlocking(state)
         max_len = min(decoding.max_len, self.cfg.max_len)
         if decoding.strategy == "beam":
-            ids = beam_search(state, len(grid), BOS, EOS, beam, max_len)
+            ids = beam_search(state, len(grid), BOS, EOS, beam, max_len, decoding.length_penalty)
         else:
             ids = sample_or_greedy(state, len(grid), BOS, EOS, max_len, decoding, generator)
         return [self.vocab.decode(row[1:]) for row in ids]
