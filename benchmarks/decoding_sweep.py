@@ -1,6 +1,7 @@
 """Dev-split experiment: which beam size (with and without trigram blocking, with which
-``length_penalty``) should a trained captioner decode with? The evaluate stage scores the configured decoding beside greedy on the test
-split; this chooses the configured one on dev, where choices belong.
+``length_penalty``) should a trained captioner decode with? The evaluate stage scores the
+configured decoding beside greedy on the test split; this chooses the configured one on dev, where
+choices belong.
 
     python benchmarks/decoding_sweep.py --model models/grid_transformer \
         --features data/features/efficientnet_lite2 --splits data/splits \

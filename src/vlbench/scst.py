@@ -4,8 +4,9 @@
 Each step draws ``scst.batch_size`` training images, takes ``scst.samples`` = k candidate captions
 per image, sampled from the model's full distribution (``sample_with_logprobs``: summed
 log-probabilities with gradients) or, with ``scst.candidates: beam``, the k beams of a width-k beam
-search (``beams_with_logprobs``, the grid transformer; the M2 transformer's SCST), rewards each with its CIDEr-D against the image's training references (metrics/cider_d.py;
-document frequencies of the training references only, never dev or test), and minimises
+search (``beams_with_logprobs``, the grid transformer; the M2 transformer's SCST), rewards each with
+its CIDEr-D against the image's training references (metrics/cider_d.py; document frequencies of
+the training references only, never dev or test), and minimises
 
     - mean over samples of (reward - baseline) x log p(caption)
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecodingConfig, OptimConfig, ScstConfig, VariantConfig, check_lm_captioner_search, in_range, positive
+from ..config import (DecodingConfig, OptimConfig, ScstConfig, VariantConfig, check_lm_captioner_search, in_range,
+                      positive)
 from .lm_captioner import LMCaptioner
 from .sampling import Samples, sample_after_embeds
 from .multihead import merge_heads, split_heads
