@@ -16,7 +16,8 @@ those steps (CIDEr-D x100 of the samples, on training images) and the share of d
 mid-phrase (ending in "a", "the", "of", ...; the first four dev captions are printed too).
 ``--warmup`` and ``--batch-size`` override the variant's ``scst.warmup_steps`` and ``scst.batch_size``;
 ``--candidates`` overrides the variant's ``scst.candidates`` (sampled captions, or the beams of a
-beam search); ``--mark-end`` rewards with CIDEr-D that counts an end token in its n-grams (``CiderD(mark_end=True)``).
+beam search); ``--mark-end`` rewards with CIDEr-D that counts an end token in its n-grams
+(``CiderD(mark_end=True)``).
 Prints a table and writes it as JSON.
 """
 from __future__ import annotations

@@ -100,6 +100,7 @@ def beam_search_all(state, batch: int, bos, eos, beam: int, max_len: int,
     ids = torch.full((b * beam, 1), bos, dtype=torch.long, device=device)
     scores = torch.zeros(b, beam, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    ranking = scores  # what the beams are ranked by: ``scores`` divided by length ** length_penalty
     lengths = torch.zeros(b * beam, device=device)
     done = torch.zeros(b * beam, dtype=torch.bool, device=device)
     for _ in range(max_len - 1):
@@ -111,7 +112,7 @@ def beam_search_all(state, batch: int, bos, eos, beam: int, max_len: int,
         total = scores.view(-1, 1) + logp
         grown = torch.where(done, lengths, lengths + 1)  # a finished beam keeps its length
         ranked = total if length_penalty == 0 else total / grown[:, None] ** length_penalty
-        _, flat = ranked.view(b, beam * v).topk(beam, -1)
+        ranking, flat = ranked.view(b, beam * v).topk(beam, -1)
         scores = total.view(b, beam * v).gather(1, flat)
         src = ((flat // v) + torch.arange(b, device=device)[:, None] * beam).view(-1)
         tok = flat % v
@@ -121,7 +122,7 @@ def beam_search_all(state, batch: int, bos, eos, beam: int, max_len: int,
         done = done[src] | (tok.view(-1) == eos)
         if done.all():
             break
-    return ids, scores if length_penalty == 0 else scores / lengths.view(b, beam).clamp(min=1) ** length_penalty
+    return ids, ranking
 
 
 def beam_search(state, batch: int, bos, eos, beam: int, max_len: int, length_penalty: float = 0.0) -> torch.Tensor:
