@@ -190,6 +190,10 @@ class ScstConfig:
     # beams of a beam search that wide ("beam", the M2 transformer's SCST; the grid transformer only):
     # beam candidates train the captions beam decoding produces (benchmarks/RESULTS.md, Flickr8k dev)
     candidates: Literal["sample", "beam"] = "sample"
+    # the weights SCST starts from: the selected cross-entropy model ("best": the best dev evaluation,
+    # which on a few hundred dev images is a noisy pick among late steps), or the last cross-entropy
+    # evaluation's ("last": the weight average at the last step, when optim.ema_decay is set)
+    start: Literal["best", "last"] = "best"
 
     def check(self, p):
         if self.steps < 0:

@@ -237,6 +237,11 @@ class WeightAverage:
             with torch.no_grad():
                 torch._foreach_copy_(self.weights, trained)
 
+    @torch.no_grad()
+    def copy_to_weights(self) -> None:
+        """Make the average the live parameters for good (training goes on from it)."""
+        torch._foreach_copy_(self.weights, self.average)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: a.detach().cpu() for k, a in zip(self.names, self.average)}
 

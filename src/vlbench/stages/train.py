@@ -293,10 +293,14 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         mlflow.log_metrics({"train_seconds": seconds,
                             "train_samples_per_s": max(0, done - start) * cfg.optim.batch_size / max(seconds, 1e-9),
                             "selected_step": selection.best_step})
-        if selection.weights is not None:  # the best evaluation's weights, not the last step's
+        scst = cfg.family == "captioning" and cfg.scst.steps
+        if scst and cfg.scst.start == "last":  # the last evaluation's weights (a resumed SCST loads its own)
+            if average is not None:
+                average.copy_to_weights()
+        elif selection.weights is not None:  # the best evaluation's weights, not the last step's
             model.load_state_dict(selection.weights, strict=False)
         scst_rows, scst_steps = [], {}  # self-critical CIDEr-D training after the cross-entropy steps (vlbench/scst.py), rank 0 only
-        if cfg.family == "captioning" and cfg.scst.steps:
+        if scst:
             scst_rows, scst_done = run_scst(model, cfg, inputs, captions, device, mlflow, first_step=done, seed=tcfg.seed,
                                  state=state, amp=amp, scaler=scaler,
                                  save=lambda s: save_checkpoint(cfg.optim.steps, scst=s), stop=stop,
