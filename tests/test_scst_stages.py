@@ -85,6 +85,27 @@ def test_scst_that_lowers_dev_cider_leaves_the_cross_entropy_model(prepared):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("start", ["best", "last"])
+def test_scst_starts_from_the_selected_or_the_last_cross_entropy_weights(prepared, start):
+    """SCST at a learning rate too small to move a weight (1e-12, one step), evaluated at its end:
+    its dev evaluation scores the weights it started from, the best cross-entropy evaluation's
+    (start: best) or the last one's (start: last; with optim.ema_decay, the weight average)."""
+    import yaml
+
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    ce_steps = 30
+    params["variants"]["gridcap"]["optim"].update(steps=ce_steps, lr=3e-3, ema_decay=0.5)
+    params["variants"]["gridcap"]["scst"].update(steps=1, lr=1e-12, warmup_steps=0, start=start)
+    (prepared / f"params_start_{start}.yaml").write_text(yaml.safe_dump(params))
+    r = train(prepared, f"start_{start}", params=f"params_start_{start}.yaml")
+    assert r.returncode == 0, r.stderr
+    curve = [(int(r["step"]), float(r["value"])) for r in csv.DictReader(open(prepared / f"metrics/curves/dev/start_{start}.csv"))]
+    ce, scst = [v for s, v in curve if s <= ce_steps], [v for s, v in curve if s > ce_steps]
+    assert len(ce) == ce_steps // 2 and len(scst) == 1, curve  # checkpoint_every (eval_every) 2
+    assert max(ce) > ce[-1], curve  # this toy run's last evaluation is not its best: the two starts differ
+    assert scst[0] == pytest.approx(max(ce) if start == "best" else ce[-1], abs=1e-6)
+
+
 def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):
     r = train(prepared, "killed", fault=f"TERM@{CE_STEPS + 2}")  # after the 2nd SCST step
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
