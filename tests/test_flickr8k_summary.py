@@ -1,6 +1,7 @@
 """benchmarks/flickr8k/summarize.py on metrics the real train and evaluate stages wrote."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -88,3 +89,45 @@ def test_refuses_when_a_variant_has_no_metrics(evaluated, tmp_path):
     params["variants"]["untrained"] = params["variants"]["clip"]
     with pytest.raises(SystemExit, match="untrained"):
         summarize.summarize(params, evaluated / "metrics", "0" * 40)
+
+
+def test_rerun_replaces_only_the_rerun_variants_rows(evaluated, tmp_path):
+    """One variant retrained with other params: --rerun takes its new row and keeps the others of the
+    summary's commit; changed params of another variant are refused."""
+    d = tmp_path / "project"
+    shutil.copytree(evaluated, d)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["add", "config.yaml"], cwd=d, check=True)
+    subprocess.run(git + ["commit", "-qm", "config"], cwd=d, check=True)
+    r, out = run_summarize(d)
+    assert r.returncode == 0, r.stderr
+    base = json.loads(out.read_text())
+
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["variants"]["gridcap"]["optim"]["steps"] = 12
+    for name in ("params.yaml", "config.yaml"):
+        (d / name).write_text(yaml.safe_dump(params))
+    env = dict(env_with_venv(), MLFLOW_TRACKING_URI=f"sqlite:///{d / 'mlflow.db'}")
+    for stage in ("train", "evaluate"):
+        r = subprocess.run([sys.executable, "-m", "vlbench", stage, "--variant", "gridcap", "--features",
+                            "data/features/efficientnet_lite0"], cwd=d, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    subprocess.run(git + ["commit", "-qam", "gridcap: more steps"], cwd=d, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=d, capture_output=True, text=True).stdout.strip()
+
+    r, out = run_summarize(d, "--rerun", "gridcap")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(out.read_text())
+    cap = json.loads((d / "metrics/gridcap.json").read_text())
+    assert summary["gridcap"]["CIDEr"] == cap["metrics"]["CIDEr"] and summary["gridcap"] != base["gridcap"]
+    assert {k: v for k, v in summary.items() if k not in ("gridcap", "reruns")} == \
+        {k: v for k, v in base.items() if k != "gridcap"}  # the other rows, baselines and commit of the base
+    assert summary["reruns"] == {"gridcap": head}
+
+    params["variants"]["clip"]["optim"]["steps"] = 4  # another variant's params changed, not re-run
+    for name in ("params.yaml", "config.yaml"):
+        (d / name).write_text(yaml.safe_dump(params))
+    before = out.read_text()
+    r, out = run_summarize(d, "--rerun", "gridcap")
+    assert r.returncode != 0 and "changed since commit" in r.stderr
+    assert out.read_text() == before

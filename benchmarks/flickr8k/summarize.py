@@ -9,6 +9,16 @@
 It reads only files the pipeline wrote (metrics/<variant>.json); it refuses to write when a variant of
 params.yaml has no metrics yet or params.yaml is not the committed Flickr8k configuration (its
 ``tracking`` and ``transfer`` sections aside: they do not change the numbers).
+
+A re-run of some variants only (``dvc repro evaluate@grid_transformer`` after changing its params):
+
+    python benchmarks/flickr8k/summarize.py --rerun grid_transformer
+
+replaces those variants' rows of the existing summary and records the re-run's commit under
+``reruns``. It refuses when anything else that decides the numbers changed since the summary's
+commit: the other variants' params or the shared sections (configs/flickr8k.yaml then and now), or
+the re-run's test images and nearest-neighbour baseline. Code changes since that commit are not
+checked: a change that touches the other variants calls for the whole run.
 """
 from __future__ import annotations
 
@@ -60,22 +70,66 @@ def summarize(params: dict, metrics_dir: Path, commit: str) -> dict:
     return out
 
 
+def without(params: dict, names: list[str]) -> dict:
+    """The deciding params with the variants ``names`` left out."""
+    out = deciding(params)
+    for group in ("variants", "pixel_variants"):
+        if out.get(group):
+            out[group] = {k: v for k, v in out[group].items() if k not in names}
+    return out
+
+
+def rerun(base: dict, params: dict, base_params: dict, metrics_dir: Path, names: list[str], commit: str) -> dict:
+    """``base`` (a summary) with the rows of ``names`` from ``metrics_dir``; ``base_params``: the
+    configuration at the base summary's commit."""
+    unknown = [n for n in names if n not in base]
+    if unknown:
+        raise SystemExit(f"--rerun {', '.join(unknown)}: not a variant of the existing summary")
+    if without(params, names) != without(base_params, names):
+        raise SystemExit(f"params other than those of {', '.join(names)} changed since commit {base['commit'][:12]}: "
+                         "the other rows would not be this configuration's; run the whole comparison")
+    out = dict(base)
+    for n in names:
+        path = metrics_dir / f"{n}.json"
+        if not path.exists():
+            raise SystemExit(f"no test metrics yet for {n} in {metrics_dir}: run the pipeline first")
+        r = json.loads(path.read_text())
+        if r["images"] != base["test_images"] or (r["family"] == "captioning"
+                                                    and r["nearest_neighbour"] != base["nearest_neighbour"]):
+            raise SystemExit(f"{path}: its test images or nearest-neighbour baseline differ from the summary's: "
+                             "other data or features; run the whole comparison")
+        out[n] = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}
+    out["reruns"] = {**base.get("reruns", {}), **{n: commit for n in names}}
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--project", type=Path, default=ROOT, help="the project the run was made in")
     ap.add_argument("--metrics", type=Path, default=None, help="default: <project>/metrics")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "flickr8k.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "flickr8k" / "summary.json")
+    ap.add_argument("--rerun", nargs="+", metavar="VARIANT", default=None,
+                    help="replace only these variants' rows of the existing --out summary (see above)")
     a = ap.parse_args(argv)
     params = yaml.safe_load((a.project / "params.yaml").read_text())
     config = yaml.safe_load(a.config.read_text())
     if deciding(params) != deciding(config):
         raise SystemExit(f"{a.project / 'params.yaml'} is not {a.config}: these numbers would not be the committed comparison")
-    summary = summarize(params, a.metrics or a.project / "metrics", _git("rev-parse", "HEAD", cwd=a.project))
+    commit, metrics = _git("rev-parse", "HEAD", cwd=a.project), a.metrics or a.project / "metrics"
+    if a.rerun:
+        base = json.loads(a.out.read_text())
+        where = a.config.resolve().parent
+        relative = a.config.resolve().relative_to(Path(_git("rev-parse", "--show-toplevel", cwd=where)))
+        base_params = yaml.safe_load(_git("show", f"{base['commit']}:{relative.as_posix()}", cwd=where))
+        summary = rerun(base, params, base_params, metrics, a.rerun, commit)
+    else:
+        summary = summarize(params, metrics, commit)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(summary, indent=1) + "\n")
     n = len(params.get("variants") or {}) + len(params.get("pixel_variants") or {})
-    print(f"wrote {a.out} ({n} variants, commit {summary['commit'][:12]})", file=sys.stderr)
+    reruns = f"; {', '.join(a.rerun)} re-run at {commit[:12]}" if a.rerun else ""
+    print(f"wrote {a.out} ({n} variants, commit {summary['commit'][:12]}{reruns})", file=sys.stderr)
 
 
 if __name__ == "__main__":
