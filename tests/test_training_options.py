@@ -10,7 +10,7 @@ import yaml
 
 from conftest import prepare_features, run_cli, tiny_params, train_gridcap
 from vlbench.models.variants import build_variant, create_variant_model
-from vlbench.training import accumulate, amp_dtype
+from vlbench.training import accumulate, amp_dtype, native_bf16
 
 STEPS = 8
 
@@ -51,11 +51,31 @@ def test_fp16_loss_scale_goes_into_the_checkpoint(project):
     assert len(pd.read_csv(project / "metrics/curves/fp16.csv")) == STEPS
 
 
-def test_amp_dtype():
+def test_variant_precision_overrides_the_run_precision(project):
+    """optim.precision bf16 under train.precision fp32 trains exactly as train.precision bf16 does,
+    and a CPU without bf16 in hardware gets a warning saying so."""
+    for tag, precision in (("run_bf16", "bf16"), ("variant_bf16", "fp32")):
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["train"]["precision"] = precision
+        params["variants"]["gridcap"]["optim"]["precision"] = "bf16" if tag == "variant_bf16" else None
+        (project / f"{tag}.yaml").write_text(yaml.safe_dump(params))
+        r = train_gridcap(project, tag, params=f"{tag}.yaml")
+        assert r.returncode == 0, r.stderr
+        assert ("no bf16 in hardware" in r.stderr) == (not native_bf16(torch.device("cpu"))), r.stderr
+    run, variant = (pd.read_csv(project / f"metrics/curves/{tag}.csv")["loss"] for tag in ("run_bf16", "variant_bf16"))
+    assert variant.tolist() == run.tolist() and len(run) == STEPS
+
+
+def test_amp_dtype(monkeypatch):
+    import vlbench.training
+
     assert amp_dtype("fp32", torch.device("cuda")) is None
-    assert amp_dtype("auto", torch.device("cpu")) is None  # CPU runs stay bit-reproducible
-    assert amp_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert amp_dtype("fp16", torch.device("cpu")) == torch.float16
+    assert amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: given, emulated or not
+    for native, expected in ((True, torch.bfloat16), (False, None)):  # auto: bf16 only where it is native
+        monkeypatch.setattr(vlbench.training, "native_bf16", lambda device: native)
+        assert amp_dtype("auto", torch.device("cpu")) == expected
+        assert amp_dtype("auto", torch.device("cuda")) == expected
 
 
 @pytest.mark.parametrize("micro_steps", [2, 3])

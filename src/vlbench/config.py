@@ -124,6 +124,10 @@ class OptimConfig:
     # > 0: dev evaluations, model selection and the saved model use an exponential moving average
     # of the trainable weights (vlbench/training.WeightAverage); 0: the weights of the step itself
     ema_decay: float = 0.0
+    # this variant's autocast dtype, when it differs from train.precision (null = train.precision):
+    # e.g. bf16 for the frozen-LM captioners, where it pays most, or auto for a variant that must also
+    # train on CPUs without native bf16
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None
 
     def check(self, p):
         positive(p, self, "steps", "batch_size", "lr", "log_every")

@@ -141,8 +141,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 100  # steps between resumable checkpoints; 0 = never
-    # autocast dtype; auto = bf16 on CUDA, fp32 elsewhere (fp32 keeps CPU runs bit-reproducible);
-    # fp16 scales the loss (GradScaler, its state goes into the checkpoint)
+    # autocast dtype; auto = bf16 where the device computes it in hardware (CUDA, CPUs with
+    # AVX512-BF16/AMX), fp32 elsewhere, where bf16 is emulated and many times slower; fp16 scales the
+    # loss (GradScaler, its state goes into the checkpoint). A variant's optim.precision overrides it
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the model
     # split each optimizer step's batch into this many forward/backward passes (same memory as a

@@ -186,10 +186,25 @@ def make_step(model: AlignmentModel | CaptioningModel, cfg, captions: list[list[
     return step
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matrix products in hardware: a CUDA GPU that supports bf16, or
+    a CPU with AVX512-BF16 or AMX (oneDNN's check). Elsewhere bf16 autocast is emulated: on a 2-core
+    AVX2-only EPYC a grid transformer step took 22 s under bf16 against 1.0 s in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.precision`` on ``device``; None = plain fp32."""
+    """The autocast dtype of ``precision`` (``train.precision`` or a variant's ``optim.precision``)
+    on ``device``; None = plain fp32. ``auto``: bf16 where the device has it in hardware, else fp32."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if native_bf16(device) else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -50,7 +50,7 @@ from ..scst import run_scst
 from ..selection import Selection, eval_cadence, make_dev_metric, selection_metric
 from ..tracking import Tracker
 from ..training import (Batches, Checkpoint, TextCache, TunedTextCache, WeightAverage, accumulate, amp_dtype,
-                        lr_at, make_step)
+                        lr_at, make_step, native_bf16)
 
 
 def make_val_loss(model: AlignmentModel | CaptioningModel, cfg, inputs, splits_dir: str, cached_text: bool, device,
@@ -140,7 +140,12 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                   f"every step runs the whole text encoder", file=sys.stderr)
     optim = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                               fused=device.type == "cuda")  # one kernel for all parameters
-    dtype = amp_dtype(tcfg.precision, device)
+    precision = cfg.optim.precision or tcfg.precision  # the variant's own, else the run's
+    dtype = amp_dtype(precision, device)
+    if dtype == torch.bfloat16 and not native_bf16(device) and ranks.is_main:
+        print(f"vlbench train: {name}: precision {precision!r}, but this {device.type} has no bf16 in hardware "
+              f"(no AVX512-BF16/AMX): autocast emulates it, many times slower than fp32; set precision: auto "
+              f"(bf16 only where it is native) or fp32", file=sys.stderr)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 underflows small gradients
     forward, no_sync = model, contextlib.nullcontext
@@ -172,7 +177,7 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                       getattr(cfg, "captions_per_image", 1))
 
     ckpt = Checkpoint(Path(checkpoint_dir or f"checkpoints/{name}"),
-                      fingerprint(variant_params(raw, name), tcfg.seed, tcfg.precision, tcfg.grad_accum_steps, extra, ids,
+                      fingerprint(variant_params(raw, name), tcfg.seed, precision, tcfg.grad_accum_steps, extra, ids,
                                   [eval_every, tcfg.select_on, tcfg.patience, tcfg.dev_images]))
     state = ckpt.load()
     start, rows, best_val = 0, [], float("inf")
@@ -202,7 +207,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         if state is None:
             mlflow.log_params({**to_flat_dict(cfg), "seed": tcfg.seed, "device": str(device),
                                "trainable_params": n_trainable, "train_images": len(ids),
-                               "precision": tcfg.precision, "compile": tcfg.compile,
+                               "precision": precision, "autocast": str(dtype or torch.float32).removeprefix("torch."),
+                               "compile": tcfg.compile,
                                "grad_accum_steps": tcfg.grad_accum_steps, "world_size": ranks.world_size})
 
         def save_checkpoint(next_step: int, **more) -> None:
