@@ -46,6 +46,11 @@ def deciding(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in NOT_DECIDING}
 
 
+def row(result: dict) -> dict:
+    """A metrics file's numeric test metrics: its row of the summary."""
+    return {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+
+
 def summarize(params: dict, metrics_dir: Path, commit: str) -> dict:
     names = list(params.get("variants") or {}) + list(params.get("pixel_variants") or {})
     missing = [n for n in names if not (metrics_dir / f"{n}.json").exists()]
@@ -54,7 +59,7 @@ def summarize(params: dict, metrics_dir: Path, commit: str) -> dict:
     results = [json.loads((metrics_dir / f"{n}.json").read_text()) for n in names]
     out: dict = {}
     for r in results:
-        out[r["variant"]] = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}
+        out[r["variant"]] = row(r)
     align = [r for r in results if r["family"] == "alignment"]
     caps = [r for r in results if r["family"] == "captioning"]
     chance: dict = {}
@@ -98,7 +103,7 @@ def rerun(base: dict, params: dict, base_params: dict, metrics_dir: Path, names:
                                                     and r["nearest_neighbour"] != base["nearest_neighbour"]):
             raise SystemExit(f"{path}: its test images or nearest-neighbour baseline differ from the summary's: "
                              "other data or features; run the whole comparison")
-        out[n] = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}
+        out[n] = row(r)
     out["reruns"] = {**base.get("reruns", {}), **{n: commit for n in names}}
     return out
 

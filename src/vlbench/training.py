@@ -244,8 +244,7 @@ class WeightAverage:
     @contextlib.contextmanager
     def applied(self):
         trained = [w.detach().clone() for w in self.weights]
-        with torch.no_grad():
-            torch._foreach_copy_(self.weights, self.average)
+        self.copy_to_weights()
         try:
             yield
         finally:
