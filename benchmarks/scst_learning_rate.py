@@ -9,7 +9,7 @@ learning rates: does dev CIDEr keep rising past the configured SCST phase?
 
 Each learning rate continues from the same trained model (a fresh copy each time) with the train
 stage's SCST step (vlbench.scst.ScstTrainer: CIDEr-D rewards against the training references,
-mean-of-others baseline, bf16 autocast as configs/flickr8k.yaml) on the same image batches and
+mean-of-others baseline, autocast of the variant's ``optim.precision``, ``auto`` when unset) on the same image batches and
 sampling seed. Dev CIDEr, BLEU-4 and METEOR (pycocoevalcap) are those of the variant's own decoding
 on every dev image, before SCST and every ``--eval-every`` steps, next to the mean SCST reward of
 those steps (CIDEr-D x100 of the samples, on training images) and the share of dev captions cut off
@@ -23,6 +23,7 @@ Prints a table and writes it as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,6 +61,7 @@ def main(argv=None) -> None:
     from vlbench.models.trained import load_trained
     from vlbench.runtime import configure_threads
     from vlbench.scst import ScstTrainer, scst_lr
+    from vlbench.training import amp_dtype
 
     configure_threads()
     _, cfg, _ = load_trained(a.model)
@@ -86,6 +88,8 @@ def main(argv=None) -> None:
         print("  " + "\n  ".join(hyps[:4]), flush=True)
         return {**{k: round(m[k], 2) for k in ("CIDEr", "BLEU-4", "METEOR")}, "cut_off": round(share_cut_off(hyps), 1)}
 
+    dtype = amp_dtype(cfg.optim.precision or "auto", torch.device("cpu"))  # emulated bf16 is many times slower
+    amp = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
     rows, start = [], None
     for lr in a.lrs:
         model = load_trained(a.model)[0]
@@ -95,7 +99,7 @@ def main(argv=None) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
         trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, opt, torch.Generator().manual_seed(a.seed + 1),
-                              torch.autocast("cpu", dtype=torch.bfloat16), candidates=scfg.candidates)
+                              amp, candidates=scfg.candidates)
         rng, rewards, curve, t0 = random.Random(a.seed), [], [], time.perf_counter()
         for s in range(a.steps):
             idx = sorted(rng.sample(range(len(train)), scfg.batch_size))

@@ -129,3 +129,25 @@ def test_cli_unknown_variant(tmp_path):
     r = run_cli(["train", "--variant", "nope", "--features", "x"], cwd=tmp_path)
     assert r.returncode == 2
     assert "variants.nope: unknown variant (known: clip, gridcap)" in r.stderr
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_check_warns_about_variants_under_emulated_bf16(monkeypatch, capsys, tmp_path, native):
+    import vlbench.training
+    from vlbench.commands import check
+
+    params = tiny_params()
+    params["train"]["precision"] = "bf16"
+    params["variants"]["gridcap"]["optim"]["precision"] = "auto"  # bf16 only where native: never emulated
+    monkeypatch.setattr(vlbench.training, "native_bf16", lambda device: native)
+    assert check.emulated_bf16(params) == ([] if native else ["clip"])
+    params["train"]["precision"] = "fp32"
+    params["variants"]["gridcap"]["optim"]["precision"] = "bf16"  # a variant's own bf16 counts too
+    assert check.emulated_bf16(params) == ([] if native else ["gridcap"])
+    # the command: a warning, not an error (check still passes and stamps)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    check.main(["--params", str(path)])
+    out = capsys.readouterr()
+    assert "ok (2 variants)" in out.out
+    assert ("gridcap would train many times slower" in out.err) == (not native), out.err

@@ -2,14 +2,30 @@
 
 In the pipeline it is the first stage (`check` in dvc.yaml): a bad key anywhere stops `dvc repro`
 before any expensive work, and ``--stamp`` writes a constant file that the download stage depends
-on, so a re-check after an edit re-runs nothing else."""
+on, so a re-check after an edit re-runs nothing else. It also warns (without failing) when variants would
+train under emulated bf16 on this machine: the train stage would take many times longer than in fp32."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .. import io
-from ..params import load_params, variant_names
+from ..params import VARIANT_GROUPS, load_params, section, variant_names
 from ..validation import validate_all
+
+
+def emulated_bf16(raw: dict) -> list[str]:
+    """The variants whose precision (``optim.precision``, else ``train.precision``) is an explicit bf16
+    that the train stage's device would emulate (no AVX512-BF16/AMX, or a GPU without bf16)."""
+    from ..models.variants import build_variant
+    from ..runtime import pick_device
+    from ..training import native_bf16
+
+    tcfg = section(raw, "train")
+    if native_bf16(pick_device(tcfg.device)):
+        return []
+    return [name for group in VARIANT_GROUPS for name, params in (raw.get(group) or {}).items()
+            if (build_variant(name, params, group).optim.precision or tcfg.precision) == "bf16"]
 
 
 def main(argv=None):
@@ -19,6 +35,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     raw = load_params(a.params)
     validate_all(raw)
+    slow = emulated_bf16(raw)
+    if slow:
+        print(f"vlbench check: warning: precision bf16, but this machine has no bf16 in hardware (no AVX512-BF16/AMX): "
+              f"{', '.join(slow)} would train many times slower than in fp32; set train.precision (or the variant's "
+              f"optim.precision) to auto (bf16 only where it is native) or fp32", file=sys.stderr)
     if a.stamp:
         io.write_text(a.stamp, "params.yaml checked\n")
     print(f"{a.params}: ok ({len(variant_names(raw))} variants)")
