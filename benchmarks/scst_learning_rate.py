@@ -14,7 +14,8 @@ sampling seed. Dev CIDEr, BLEU-4 and METEOR (pycocoevalcap) are those of the var
 on every dev image, before SCST and every ``--eval-every`` steps, next to the mean SCST reward of
 those steps (CIDEr-D x100 of the samples, on training images) and the share of dev captions cut off
 mid-phrase (ending in "a", "the", "of", ...; the first four dev captions are printed too).
-``--warmup`` and ``--batch-size`` override the variant's ``scst.warmup_steps`` and ``scst.batch_size``;
+``--bleu-weight`` adds that many times each candidate's sentence BLEU-4 to its reward
+(``scst.bleu_weight``). ``--warmup`` and ``--batch-size`` override the variant's ``scst.warmup_steps`` and ``scst.batch_size``;
 ``--candidates`` overrides the variant's ``scst.candidates`` (sampled captions, or the beams of a
 beam search); ``--mark-end`` rewards with CIDEr-D that counts an end token in its n-grams
 (``CiderD(mark_end=True)``).
@@ -46,6 +47,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=None, help="images per SCST step (default: the variant's scst.batch_size)")
     ap.add_argument("--mark-end", action="store_true", help="the reward's CIDEr-D counts an end token in its n-grams")
+    ap.add_argument("--bleu-weight", type=float, default=None,
+                    help="reward = CIDEr-D + this x sentence BLEU-4 (default: the variant's scst.bleu_weight)")
     ap.add_argument("--warmup", type=int, default=None, help="SCST warm-up steps (default: the variant's scst.warmup_steps)")
     ap.add_argument("--candidates", choices=["sample", "beam"], default=None,
                     help="SCST candidates per image (default: the variant's scst.candidates)")
@@ -71,6 +74,8 @@ def main(argv=None) -> None:
     dev_refs = dict(zip(dev.ids, captions_by_row(a.splits, "val", dev.ids)))
     cider = CiderD(train_refs, mark_end=a.mark_end)  # document frequencies of the training references only
     scfg = cfg.scst
+    if a.bleu_weight is not None:
+        scfg = dataclasses.replace(scfg, bleu_weight=a.bleu_weight)
     if a.warmup is not None:
         scfg = dataclasses.replace(scfg, warmup_steps=a.warmup)
     if a.batch_size is not None:
@@ -99,7 +104,7 @@ def main(argv=None) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
         trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, opt, torch.Generator().manual_seed(a.seed + 1),
-                              amp, candidates=scfg.candidates)
+                              amp, candidates=scfg.candidates, bleu_weight=scfg.bleu_weight)
         rng, rewards, curve, t0 = random.Random(a.seed), [], [], time.perf_counter()
         for s in range(a.steps):
             idx = sorted(rng.sample(range(len(train)), scfg.batch_size))

@@ -2,6 +2,7 @@
 mean-of-others baseline by hand, sampling with log-probabilities that carry gradients in every
 captioner family, the scst params, and a toy task on which SCST raises dev CIDEr-D."""
 import copy
+import math
 import dataclasses
 import random
 import shutil
@@ -13,6 +14,7 @@ import torch
 from conftest import TINY_GRID, tiny_params
 from vlbench.errors import ParamError
 from vlbench.metrics.cider_d import CiderD, cider_d, tokenize
+from vlbench.metrics.sentence_bleu import sentence_bleu
 from vlbench.scst import ScstTrainer, mean_of_others, scst_loss
 
 WORDS = "a the dog cat red blue runs sits on grass ball man woman with plays in park".split()
@@ -179,6 +181,34 @@ def stepwise_grid_logprobs(model, grid, k, ids):
     return (logp * keep).sum(1), keep.sum(1)
 
 
+def test_sentence_bleu_by_hand():
+    refs = ["a dog runs on the grass", "the dog is on the lawn ."]
+    # clipped precisions 5/5, 3/4, 2/3, 1/2; 2- to 4-grams add-one smoothed: 4/5, 3/4, 2/3;
+    # brevity against the closest reference length (6 words) for 5 words: exp(1 - 6/5)
+    expected = (1 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25 * math.exp(1 - 6 / 5)
+    assert sentence_bleu("A dog runs on grass.", refs) == pytest.approx(expected, rel=1e-12)
+    assert sentence_bleu("a dog runs on the grass .", refs) == pytest.approx(1.0)
+    # "the" clipped at the 2 one reference holds
+    assert sentence_bleu("the the the the the", refs) == pytest.approx((2 / 5 * 1 / 5 * 1 / 4 * 1 / 3) ** 0.25 * math.exp(1 - 6 / 5))
+    assert sentence_bleu("a dog", refs) == 0.0  # no 3- or 4-gram at all
+    assert sentence_bleu("", refs) == 0.0
+
+
+def test_reward_adds_bleu_weight_times_sentence_bleu():
+    train_refs = [["a red circle on a table", "the red circle"], ["two blue squares side by side", "blue squares"]]
+    cider = CiderD(train_refs)
+    texts = ["a red circle on the table", "a red circle", "red squares here", "two blue squares side by side",
+             "blue squares side", "a red circle"]
+    trainer = ScstTrainer(FixedSampler(texts), cider, samples=3, max_len=10,
+                          optimizer=torch.optim.SGD(FixedSampler(texts).parameters(), lr=1.0), bleu_weight=0.5)
+    refs = [train_refs[0]] * 3 + [train_refs[1]] * 3
+    expected = torch.tensor([cider.score(t, r) + 0.5 * sentence_bleu(t, r) for t, r in zip(texts, refs)]).view(2, 3)
+    got = trainer.rewards(texts, train_refs)
+    assert torch.allclose(got, expected.float())
+    trainer.bleu_weight = 0.0
+    assert not torch.allclose(trainer.rewards(texts, train_refs), got)  # BLEU did move the reward
+
+
 def test_grid_transformer_samples_carry_gradients_and_their_true_logprobs(trained_grid_captioner):
     model, grid = trained_grid_captioner
     grid = grid[:4]
@@ -284,7 +314,7 @@ def test_lm_captioner_samples_carry_gradients_and_their_true_logprobs(model_name
 @pytest.mark.parametrize("edit, key", [({"steps": -1}, "steps"), ({"samples": 1}, "samples"), ({"lr": 0}, "lr"),
                                        ({"batch_size": 0}, "batch_size"), ({"max_len": 0}, "max_len"),
                                        ({"samples": "five"}, "samples"), ({"rounds": 3}, "rounds"),
-                                       ({"warmup_steps": -1}, "warmup_steps")])
+                                       ({"warmup_steps": -1}, "warmup_steps"), ({"bleu_weight": -0.5}, "bleu_weight")])
 def test_bad_scst_params_name_the_key(edit, key):
     from vlbench.validation import validate_all
 

@@ -198,6 +198,9 @@ class ScstConfig:
     # which on a few hundred dev images is a noisy pick among late steps), or the last cross-entropy
     # evaluation's ("last": the weight average at the last step, when optim.ema_decay is set)
     start: Literal["best", "last"] = "best"
+    # reward = CIDEr-D + bleu_weight x sentence BLEU-4 (metrics/sentence_bleu.py), both against the
+    # training references: 0 = CIDEr-D alone, the usual SCST reward
+    bleu_weight: float = 0.0
 
     def check(self, p):
         if self.steps < 0:
@@ -208,6 +211,8 @@ class ScstConfig:
         positive(p, self, "lr", "batch_size", "max_len")
         if self.warmup_steps < 0:
             raise ParamError(f"{p}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.bleu_weight < 0:
+            raise ParamError(f"{p}.bleu_weight: must be >= 0 (0 = CIDEr-D alone), got {self.bleu_weight}")
 
 
 def check_lm_captioner_search(p: str, decoding: DecodingConfig, scst: ScstConfig) -> None:

@@ -6,7 +6,8 @@ per image, sampled from the model's full distribution (``sample_with_logprobs``:
 log-probabilities with gradients) or, with ``scst.candidates: beam``, the k beams of a width-k beam
 search (``beams_with_logprobs``, the grid transformer; the M2 transformer's SCST), rewards each with
 its CIDEr-D against the image's training references (metrics/cider_d.py; document frequencies of
-the training references only, never dev or test), and minimises
+the training references only, never dev or test), plus ``scst.bleu_weight`` x its sentence BLEU-4
+against the same references (metrics/sentence_bleu.py; 0 = CIDEr-D alone), and minimises
 
     - mean over samples of (reward - baseline) x log p(caption)
 
@@ -21,7 +22,7 @@ steps and after the last, the train stage's dev evaluation scores the model with
 metric and the same ``Selection`` as its cross-entropy steps (patience restarts at the first SCST
 step), so the saved model is the best dev evaluation of either phase; SCST that lowers dev CIDEr
 leaves the cross-entropy model in place. Logged to MLflow: ``scst_reward`` and ``scst_baseline``
-(batch means, CIDEr-D x100, the scale of the test metrics) every ``optim.log_every`` steps,
+(batch means of the reward x100, the scale of the test metrics) every ``optim.log_every`` steps,
 ``scst_seconds``, and the dev metric of each evaluation (steps numbered on from the cross-entropy
 steps, as are the reward rows in the training-curve CSV).
 
@@ -39,10 +40,12 @@ import sys
 import time
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from .metrics.cider_d import CiderD
+from .metrics.sentence_bleu import sentence_bleu
 from .runtime import fault_point
 
 def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
@@ -73,18 +76,21 @@ class ScstTrainer:
 
     def __init__(self, model, cider: CiderD, samples: int, max_len: int, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator | None = None, amp=None, scaler=None, clip: float = 1.0,
-                 candidates: str = "sample"):
+                 candidates: str = "sample", bleu_weight: float = 0.0):
         self.model, self.cider, self.k, self.max_len = model, cider, samples, max_len
-        self.candidates = candidates
+        self.candidates, self.bleu_weight = candidates, bleu_weight
         self.optimizer, self.generator, self.clip = optimizer, generator, clip
         self.amp = amp or contextlib.nullcontext()
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def rewards(self, texts: Sequence[str], references: Sequence[Sequence[str]]) -> torch.Tensor:
-        """CIDEr-D of each of the B*k sampled captions (item-major) -> [B, k]."""
+        """CIDEr-D (+ ``bleu_weight`` x sentence BLEU-4) of each of the B*k sampled captions (item-major) -> [B, k]."""
         per_row = [refs for refs in references for _ in range(self.k)]
-        return torch.from_numpy(self.cider.scores(texts, per_row)).float().view(len(references), self.k)
+        reward = self.cider.scores(texts, per_row)
+        if self.bleu_weight:
+            reward = reward + self.bleu_weight * np.array([sentence_bleu(t, r) for t, r in zip(texts, per_row)])
+        return torch.from_numpy(reward).float().view(len(references), self.k)
 
     def step(self, grid: torch.Tensor, references: Sequence[Sequence[str]]) -> dict[str, float]:
         self.model.eval()  # dropout off: sample (and train) the policy that evaluation decodes with
@@ -120,7 +126,7 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
     rng = random.Random(seed + 7919)  # images per step; its own stream: the cross-entropy batches are untouched
     generator = torch.Generator(device=device).manual_seed(seed + 104729)
     trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, optimizer, generator, amp, scaler,
-                          candidates=scfg.candidates)
+                          candidates=scfg.candidates, bleu_weight=scfg.bleu_weight)
 
     resumed = (state or {}).get("scst")
     if resumed is not None:
