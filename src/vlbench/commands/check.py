@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from .. import io
-from ..params import VARIANT_GROUPS, load_params, section, variant_names
+from ..params import load_params, section, variant_names
 from ..validation import validate_all
 
 
@@ -24,7 +24,8 @@ def emulated_bf16(raw: dict) -> list[str]:
     tcfg = section(raw, "train")
     if native_bf16(pick_device(tcfg.device)):
         return []
-    return [name for group in VARIANT_GROUPS for name, params in (raw.get(group) or {}).items()
+    groups = {"variants": raw.get("variants") or {}, "pixel_variants": raw.get("pixel_variants") or {}}
+    return [name for group, variants in groups.items() for name, params in variants.items()
             if (build_variant(name, params, group).optim.precision or tcfg.precision) == "bf16"]
 
 
