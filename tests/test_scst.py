@@ -314,7 +314,9 @@ def test_lm_captioner_samples_carry_gradients_and_their_true_logprobs(model_name
 @pytest.mark.parametrize("edit, key", [({"steps": -1}, "steps"), ({"samples": 1}, "samples"), ({"lr": 0}, "lr"),
                                        ({"batch_size": 0}, "batch_size"), ({"max_len": 0}, "max_len"),
                                        ({"samples": "five"}, "samples"), ({"rounds": 3}, "rounds"),
-                                       ({"warmup_steps": -1}, "warmup_steps"), ({"bleu_weight": -0.5}, "bleu_weight")])
+                                       ({"warmup_steps": -1}, "warmup_steps"), ({"bleu_weight": -0.5}, "bleu_weight"),
+                                       ({"dev_decoding": "beam"}, "dev_decoding"), ({"dev_images": -1}, "dev_images"),
+                                       ({"eval_every": -5}, "eval_every")])
 def test_bad_scst_params_name_the_key(edit, key):
     from vlbench.validation import validate_all
 

@@ -106,6 +106,46 @@ def test_scst_starts_from_the_selected_or_the_last_cross_entropy_weights(prepare
     assert scst[0] == pytest.approx(max(ce) if start == "best" else ce[-1], abs=1e-6)
 
 
+def test_scst_selects_on_the_configured_decoding_when_asked(prepared):
+    """scst.dev_decoding: configured: the SCST start and every SCST evaluation (scst.eval_every) are
+    scored by CIDEr-D of the variant's own decoding (beam 3 here) on scst.dev_images dev images, and
+    the saved model is the best of those, scoring that value again when re-evaluated."""
+    import yaml
+    from vlbench.inputs import open_inputs
+    from vlbench.models.trained import load_trained
+    from vlbench.selection import make_dev_metric
+
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    ce_steps = 30
+    params["variants"]["gridcap"]["optim"].update(steps=ce_steps, lr=3e-3)
+    params["variants"]["gridcap"]["decoding"] = {"strategy": "beam", "beam_size": 3, "length_penalty": 1.0}
+    params["variants"]["gridcap"]["scst"].update(lr=3e-3, dev_decoding="configured", dev_images=0, eval_every=1)
+    (prepared / "params_configured.yaml").write_text(yaml.safe_dump(params))
+    r = train(prepared, "configured", params="params_configured.yaml")
+    assert r.returncode == 0, r.stderr
+    curve = list(csv.DictReader(open(prepared / "metrics/curves/dev/configured.csv")))
+    greedy = [(int(r["step"]), float(r["value"])) for r in curve if r["metric"] == "cider"]
+    scored = [(int(r["step"]), float(r["value"])) for r in curve if r["metric"] == "configured_cider"]
+    assert [s for s, _ in greedy] == list(range(2, ce_steps + 1, 2))  # cross-entropy: greedy, train.eval_every
+    assert [s for s, _ in scored] == list(range(ce_steps, ce_steps + SCST_STEPS + 1))  # the start, then every step
+    assert len({v for _, v in scored}) > 1, scored  # SCST moved the captions
+    selected = json.loads((prepared / "models/configured/config.json").read_text())["selection"]
+    best = max(v for _, v in scored)
+    assert (selected["metric"], selected["value"]) == ("configured_cider", pytest.approx(best, abs=1e-4))
+    assert selected["step"] == min(s for s, v in scored if v == best)
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{prepared / 'mlflow.db'}")
+    run_id = (prepared / "models/configured/run_id").read_text()
+    assert [m.step for m in client.get_metric_history(run_id, "dev_configured_cider")] == [s for s, _ in scored]
+    # the saved weights are the selected evaluation's: they score its value again
+    model, cfg, _ = load_trained(prepared / "models/configured")
+    val = open_inputs("val", str(prepared / "data/splits"), str(prepared / "data/features/efficientnet_lite0"), cfg)
+    again = make_dev_metric(model, cfg, val, str(prepared / "data/splits"), torch.device("cpu"), 0, decoding=cfg.decoding)()
+    assert again == pytest.approx(best, abs=1e-4)
+
+
 def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):
     r = train(prepared, "killed", fault=f"TERM@{CE_STEPS + 2}")  # after the 2nd SCST step
     assert r.returncode == 128 + signal.SIGTERM, r.stderr

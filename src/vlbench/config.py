@@ -201,6 +201,15 @@ class ScstConfig:
     # reward = CIDEr-D + bleu_weight x sentence BLEU-4 (metrics/sentence_bleu.py), both against the
     # training references: 0 = CIDEr-D alone, the usual SCST reward
     bleu_weight: float = 0.0
+    # SCST's dev evaluations. "greedy": the cross-entropy phase's metric (greedy CIDEr-D on
+    # train.dev_images images), one selection over both phases. "configured": CIDEr-D of the captions the
+    # variant's own ``decoding`` gives (what evaluate scores: beams, length penalty, blocking) on
+    # dev_images images; the SCST start is scored the same way and the model is the best of the SCST
+    # start and SCST's evaluations (greedy CIDEr on a few hundred images can prefer a step whose beam
+    # captions are worse)
+    dev_decoding: Literal["greedy", "configured"] = "greedy"
+    dev_images: int | None = None  # dev images of those evaluations: None = train.dev_images, 0 = all
+    eval_every: int | None = None  # SCST steps between them: None = train.eval_every (0 = only the last step)
 
     def check(self, p):
         if self.steps < 0:
@@ -213,6 +222,9 @@ class ScstConfig:
             raise ParamError(f"{p}.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.bleu_weight < 0:
             raise ParamError(f"{p}.bleu_weight: must be >= 0 (0 = CIDEr-D alone), got {self.bleu_weight}")
+        for key in ("dev_images", "eval_every"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ParamError(f"{p}.{key}: must be >= 0 or unset, got {getattr(self, key)}")
 
 
 def check_lm_captioner_search(p: str, decoding: DecodingConfig, scst: ScstConfig) -> None:

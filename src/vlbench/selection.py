@@ -45,10 +45,12 @@ def _no_rng(device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def make_dev_metric(model, cfg, inputs, splits_dir: str, device, max_images: int, batch_size: int = 64) -> Callable[[], float]:
+def make_dev_metric(model, cfg, inputs, splits_dir: str, device, max_images: int, batch_size: int = 64,
+                    decoding=None) -> Callable[[], float]:
     """-> a function scoring ``model`` on the first ``max_images`` (0 = all) rows of ``inputs`` (the
-    val split): rsum for an alignment model, greedy-decoding CIDEr for a captioner. It puts the model
-    in eval mode (the caller switches back) and draws no random numbers."""
+    val split): rsum for an alignment model, CIDEr for a captioner, of greedy captions unless
+    ``decoding`` (a DecodingConfig) is given. It puts the model in eval mode (the caller switches
+    back) and draws no random numbers."""
     n = len(inputs) if max_images == 0 else min(max_images, len(inputs))
     ids = inputs.ids[:n]
     captions = captions_by_row(splits_dir, "val", ids)
@@ -58,7 +60,7 @@ def make_dev_metric(model, cfg, inputs, splits_dir: str, device, max_images: int
     from .metrics.cider_d import cider_d
 
     refs = dict(enumerate(captions))
-    greedy = dataclasses.replace(cfg.decoding, strategy="greedy")
+    decoding = decoding or dataclasses.replace(cfg.decoding, strategy="greedy")
 
     @torch.no_grad()
     def dev_cider() -> float:
@@ -66,7 +68,7 @@ def make_dev_metric(model, cfg, inputs, splits_dir: str, device, max_images: int
         hyps = []
         with _no_rng(device):
             for rows in chunks:
-                hyps.extend(model.generate(inputs.batch(rows).to(device), greedy))
+                hyps.extend(model.generate(inputs.batch(rows).to(device), decoding))
         return cider_d(refs, dict(enumerate(hyps)))
 
     return dev_cider
@@ -113,6 +115,12 @@ class Selection:
         self.rows: list[dict] = []
         self.stopped_at: int | None = None  # the step training stopped early after, if it did
 
+    def restart(self, metric: str) -> None:
+        """A new phase scored by another metric: the best so far is forgotten (it was measured
+        differently) and its patience starts again; the rows stay."""
+        self.metric, self.higher_is_better = metric, metric != "val_loss"
+        self.best, self.best_step, self.bad, self.weights = None, -1, 0, None
+
     def update(self, step: int, value: float, snapshot: Callable[[], dict]) -> bool:
         """Record the evaluation at ``step``; keep ``snapshot()`` when it is strictly better than
         every earlier one (a tie keeps the earlier step). -> whether it improved."""
@@ -136,9 +144,10 @@ class Selection:
                 "steps_trained": steps_trained, "steps": steps, "stopped_early": steps_trained < steps}
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "weights": self.weights,
+        return {"metric": self.metric, "best": self.best, "best_step": self.best_step, "bad": self.bad, "weights": self.weights,
                 "rows": self.rows, "stopped_at": self.stopped_at}
 
     def load_state_dict(self, state: dict) -> None:
+        self.metric, self.higher_is_better = state["metric"], state["metric"] != "val_loss"
         self.best, self.best_step, self.bad = state["best"], state["best_step"], state["bad"]
         self.weights, self.rows, self.stopped_at = state["weights"], state["rows"], state["stopped_at"]

@@ -306,13 +306,20 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         elif selection.weights is not None:  # the best evaluation's weights, not the last step's
             model.load_state_dict(selection.weights, strict=False)
         scst_rows, scst_steps = [], {}  # self-critical CIDEr-D training after the cross-entropy steps (vlbench/scst.py), rank 0 only
+        if scst and cfg.scst.dev_decoding == "configured":  # SCST's own dev metric (config.py: ScstConfig)
+            images = tcfg.dev_images if cfg.scst.dev_images is None else cfg.scst.dev_images
+            dev_metric = make_dev_metric(model, cfg, val_inputs, splits_dir, device, images, decoding=cfg.decoding)
+            if "scst" not in (state or {}):  # a resumed SCST has its selection back from the checkpoint
+                selection.restart("configured_cider")
+                validate(done, averaged=False)  # the SCST start, scored like SCST's evaluations
         if scst:
             scst_rows, scst_done = run_scst(model, cfg, inputs, captions, device, mlflow, first_step=done, seed=tcfg.seed,
                                  state=state, amp=amp, scaler=scaler,
                                  save=lambda s: save_checkpoint(cfg.optim.steps, scst=s), stop=stop,
                                  checkpoint_every=tcfg.checkpoint_every, selection=selection,
                                  evaluate=lambda at: validate(at, averaged=False),
-                                 eval_every=eval_every, name=name)
+                                 eval_every=eval_every if cfg.scst.eval_every is None else cfg.scst.eval_every,
+                                 name=name)
             model.load_state_dict(selection.weights, strict=False)  # the best dev evaluation of either phase
             scst_steps = {"scst_steps_trained": scst_done, "scst_steps": cfg.scst.steps}  # the selected step may lie here
         selected = selection.summary(done, cfg.optim.steps) | scst_steps
