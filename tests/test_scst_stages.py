@@ -106,23 +106,33 @@ def test_scst_starts_from_the_selected_or_the_last_cross_entropy_weights(prepare
     assert scst[0] == pytest.approx(max(ce) if start == "best" else ce[-1], abs=1e-6)
 
 
-def test_scst_selects_on_the_configured_decoding_when_asked(prepared):
-    """scst.dev_decoding: configured: the SCST start and every SCST evaluation (scst.eval_every) are
-    scored by CIDEr-D of the variant's own decoding (beam 3 here) on scst.dev_images dev images, and
-    the saved model is the best of those, scoring that value again when re-evaluated."""
+CONFIGURED_CE_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def configured(prepared):
+    """A run with scst.dev_decoding: configured (beam 3), SCST evaluated after every step."""
     import yaml
-    from vlbench.inputs import open_inputs
-    from vlbench.models.trained import load_trained
-    from vlbench.selection import make_dev_metric
 
     params = yaml.safe_load((prepared / "params.yaml").read_text())
-    ce_steps = 30
-    params["variants"]["gridcap"]["optim"].update(steps=ce_steps, lr=3e-3)
+    params["variants"]["gridcap"]["optim"].update(steps=CONFIGURED_CE_STEPS, lr=3e-3)
     params["variants"]["gridcap"]["decoding"] = {"strategy": "beam", "beam_size": 3, "length_penalty": 1.0}
     params["variants"]["gridcap"]["scst"].update(lr=3e-3, dev_decoding="configured", dev_images=0, eval_every=1)
     (prepared / "params_configured.yaml").write_text(yaml.safe_dump(params))
     r = train(prepared, "configured", params="params_configured.yaml")
     assert r.returncode == 0, r.stderr
+    return prepared / "models/configured"
+
+
+def test_scst_selects_on_the_configured_decoding_when_asked(prepared, configured):
+    """scst.dev_decoding: configured: the SCST start and every SCST evaluation (scst.eval_every) are
+    scored by CIDEr-D of the variant's own decoding (beam 3 here) on scst.dev_images dev images, and
+    the saved model is the best of those, scoring that value again when re-evaluated."""
+    from vlbench.inputs import open_inputs
+    from vlbench.models.trained import load_trained
+    from vlbench.selection import make_dev_metric
+
+    ce_steps = CONFIGURED_CE_STEPS
     curve = list(csv.DictReader(open(prepared / "metrics/curves/dev/configured.csv")))
     greedy = [(int(r["step"]), float(r["value"])) for r in curve if r["metric"] == "cider"]
     scored = [(int(r["step"]), float(r["value"])) for r in curve if r["metric"] == "configured_cider"]
@@ -144,6 +154,21 @@ def test_scst_selects_on_the_configured_decoding_when_asked(prepared):
     val = open_inputs("val", str(prepared / "data/splits"), str(prepared / "data/features/efficientnet_lite0"), cfg)
     again = make_dev_metric(model, cfg, val, str(prepared / "data/splits"), torch.device("cpu"), 0, decoding=cfg.decoding)()
     assert again == pytest.approx(best, abs=1e-4)
+
+
+def test_sigterm_during_scst_selected_on_the_configured_decoding_resumes_bit_identical(prepared, configured):
+    """The SCST selection (its metric, best weights and evaluations) comes back from the checkpoint:
+    the resumed run keeps the same model and dev curve as the straight one."""
+    r = train(prepared, "configured_killed", fault=f"TERM@{CONFIGURED_CE_STEPS + 2}", params="params_configured.yaml")
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    r = train(prepared, "configured_killed", params="params_configured.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "resuming SCST from step 2/4" in r.stderr
+    a = load_file(str(prepared / "models/configured_killed/model.safetensors"))
+    b = load_file(str(configured / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    curve = "metrics/curves/dev/{}.csv"
+    assert (prepared / curve.format("configured_killed")).read_text() == (prepared / curve.format("configured")).read_text()
 
 
 def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):
