@@ -151,3 +151,22 @@ def test_check_warns_about_variants_under_emulated_bf16(monkeypatch, capsys, tmp
     out = capsys.readouterr()
     assert "ok (2 variants)" in out.out
     assert ("gridcap would train many times slower" in out.err) == (not native), out.err
+
+
+def test_check_names_why_a_gpu_has_no_bf16(monkeypatch, capsys, tmp_path):
+    """device: cuda on a GPU without bf16: the warning says so, not that the CPU lacks AVX512-BF16."""
+    import torch
+
+    from vlbench.commands import check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    params = tiny_params()
+    params["train"].update(precision="bf16", device="cuda")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    check.main(["--params", str(path)])
+    err = capsys.readouterr().err
+    assert "but this GPU has no bf16: clip, gridcap would train" in err, err
+    assert "AVX512" not in err

@@ -111,13 +111,15 @@ CONFIGURED_CE_STEPS = 30
 
 @pytest.fixture(scope="module")
 def configured(prepared):
-    """A run with scst.dev_decoding: configured (beam 3), SCST evaluated after every step."""
+    """A run with scst.dev_decoding: configured (beam 3), SCST evaluated after every step, from the
+    last cross-entropy weights."""
     import yaml
 
     params = yaml.safe_load((prepared / "params.yaml").read_text())
     params["variants"]["gridcap"]["optim"].update(steps=CONFIGURED_CE_STEPS, lr=3e-3)
     params["variants"]["gridcap"]["decoding"] = {"strategy": "beam", "beam_size": 3, "length_penalty": 1.0}
-    params["variants"]["gridcap"]["scst"].update(lr=3e-3, dev_decoding="configured", dev_images=0, eval_every=1)
+    params["variants"]["gridcap"]["scst"].update(lr=3e-3, dev_decoding="configured", dev_images=0, eval_every=1,
+                                                 start="last")
     (prepared / "params_configured.yaml").write_text(yaml.safe_dump(params))
     r = train(prepared, "configured", params="params_configured.yaml")
     assert r.returncode == 0, r.stderr
@@ -149,6 +151,9 @@ def test_scst_selects_on_the_configured_decoding_when_asked(prepared, configured
     client = mlflow.tracking.MlflowClient(f"sqlite:///{prepared / 'mlflow.db'}")
     run_id = (prepared / "models/configured/run_id").read_text()
     assert [m.step for m in client.get_metric_history(run_id, "dev_configured_cider")] == [s for s, _ in scored]
+    # start: last: the SCST start's weights are the last CE evaluation's, whose dev loss is not computed twice
+    losses = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert sorted(losses) == list(range(2, ce_steps + 1, 2)) + list(range(ce_steps + 1, ce_steps + SCST_STEPS + 1))
     # the saved weights are the selected evaluation's: they score its value again
     model, cfg, _ = load_trained(prepared / "models/configured")
     val = open_inputs("val", str(prepared / "data/splits"), str(prepared / "data/features/efficientnet_lite0"), cfg)

@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from .metrics.cider_d import CiderD
-from .metrics.sentence_bleu import sentence_bleu
+from .metrics.sentence_bleu import bleu_against, reference_clips
 from .runtime import fault_point
 
 def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,8 @@ class ScstTrainer:
         per_row = [refs for refs in references for _ in range(self.k)]
         reward = self.cider.scores(texts, per_row)
         if self.bleu_weight:
-            reward = reward + self.bleu_weight * np.array([sentence_bleu(t, r) for t, r in zip(texts, per_row)])
+            clips = [reference_clips(refs) for refs in references]  # each image's, shared by its k captions
+            reward = reward + self.bleu_weight * np.array([bleu_against(t, clips[i // self.k]) for i, t in enumerate(texts)])
         return torch.from_numpy(reward).float().view(len(references), self.k)
 
     def step(self, grid: torch.Tensor, references: Sequence[Sequence[str]]) -> dict[str, float]:

@@ -107,7 +107,6 @@ class Selection:
 
     def __init__(self, metric: str, patience: int):
         self.metric, self.patience = metric, patience
-        self.higher_is_better = metric != "val_loss"
         self.best: float | None = None
         self.best_step = -1
         self.bad = 0  # evaluations since the best one
@@ -118,8 +117,12 @@ class Selection:
     def restart(self, metric: str) -> None:
         """A new phase scored by another metric: the best so far is forgotten (it was measured
         differently) and its patience starts again; the rows stay."""
-        self.metric, self.higher_is_better = metric, metric != "val_loss"
+        self.metric = metric
         self.best, self.best_step, self.bad, self.weights = None, -1, 0, None
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "val_loss"  # every other dev metric (CIDEr, recall sum) is a score
 
     def update(self, step: int, value: float, snapshot: Callable[[], dict]) -> bool:
         """Record the evaluation at ``step``; keep ``snapshot()`` when it is strictly better than
@@ -148,6 +151,6 @@ class Selection:
                 "rows": self.rows, "stopped_at": self.stopped_at}
 
     def load_state_dict(self, state: dict) -> None:
-        self.metric, self.higher_is_better = state["metric"], state["metric"] != "val_loss"
+        self.metric = state["metric"]
         self.best, self.best_step, self.bad = state["best"], state["best_step"], state["bad"]
         self.weights, self.rows, self.stopped_at = state["weights"], state["rows"], state["stopped_at"]

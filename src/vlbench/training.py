@@ -200,6 +200,18 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def no_bf16_reason(device: torch.device) -> str:
+    """Why ``device`` lacks native bf16 (``native_bf16`` is False), for warnings."""
+    if device.type == "cuda":
+        return "this GPU has no bf16"
+    return f"this {device.type} has no bf16 in hardware (no AVX512-BF16/AMX)"
+
+
+def variant_precision(cfg, tcfg) -> str:
+    """A variant's autocast precision: its own ``optim.precision``, else the run's ``train.precision``."""
+    return cfg.optim.precision or tcfg.precision
+
+
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``precision`` (``train.precision`` or a variant's ``optim.precision``)
     on ``device``; None = plain fp32. ``auto``: bf16 where the device has it in hardware, else fp32."""

@@ -19,14 +19,14 @@ def emulated_bf16(raw: dict) -> list[str]:
     that the train stage's device would emulate (no AVX512-BF16/AMX, or a GPU without bf16)."""
     from ..models.variants import build_variant
     from ..runtime import pick_device
-    from ..training import native_bf16
+    from ..training import native_bf16, variant_precision
 
     tcfg = section(raw, "train")
     if native_bf16(pick_device(tcfg.device)):
         return []
     groups = {"variants": raw.get("variants") or {}, "pixel_variants": raw.get("pixel_variants") or {}}
     return [name for group, variants in groups.items() for name, params in variants.items()
-            if (build_variant(name, params, group).optim.precision or tcfg.precision) == "bf16"]
+            if variant_precision(build_variant(name, params, group), tcfg) == "bf16"]
 
 
 def main(argv=None):
@@ -38,7 +38,11 @@ def main(argv=None):
     validate_all(raw)
     slow = emulated_bf16(raw)
     if slow:
-        print(f"vlbench check: warning: precision bf16, but this machine has no bf16 in hardware (no AVX512-BF16/AMX): "
+        from ..runtime import pick_device
+        from ..training import no_bf16_reason
+
+        reason = no_bf16_reason(pick_device(section(raw, "train").device))
+        print(f"vlbench check: warning: precision bf16, but {reason}: "
               f"{', '.join(slow)} would train many times slower than in fp32; set train.precision (or the variant's "
               f"optim.precision) to auto (bf16 only where it is native) or fp32", file=sys.stderr)
     if a.stamp:

@@ -19,22 +19,34 @@ from typing import Sequence
 from .cider_d import ngram_counts, tokenize
 
 
-def sentence_bleu(hypothesis: str, references: Sequence[str], n: int = 4) -> float:
-    """BLEU-n of one caption against its references, in [0, 1]."""
+def reference_clips(references: Sequence[str], n: int = 4) -> tuple[Counter, list[int]]:
+    """What every caption of one image is scored against: per n-gram the largest count in any one
+    reference (the clip), and the references' lengths. Built once per image, not per caption."""
     if not references:
         raise ValueError("BLEU needs at least one reference per hypothesis")
+    most = Counter()
+    lengths = []
+    for r in references:
+        tokens = tokenize(r)
+        lengths.append(len(tokens))
+        for g, c in ngram_counts(tokens, n).items():
+            if c > most[g]:
+                most[g] = c
+    return most, lengths
+
+
+def sentence_bleu(hypothesis: str, references: Sequence[str], n: int = 4) -> float:
+    """BLEU-n of one caption against its references, in [0, 1]."""
+    return bleu_against(hypothesis, reference_clips(references, n), n)
+
+
+def bleu_against(hypothesis: str, clips: tuple[Counter, list[int]], n: int = 4) -> float:
+    """BLEU-n of one caption against ``reference_clips(references, n)``, in [0, 1]."""
+    most, ref_lengths = clips
     hyp = tokenize(hypothesis)
     if not hyp:
         return 0.0
     counts = ngram_counts(hyp, n)
-    most = Counter()  # per n-gram the largest count in any one reference: the clip
-    ref_lengths = []
-    for r in references:
-        tokens = tokenize(r)
-        ref_lengths.append(len(tokens))
-        for g, c in ngram_counts(tokens, n).items():
-            if c > most[g]:
-                most[g] = c
     log_precision = 0.0
     for k in range(1, n + 1):
         total = len(hyp) - k + 1

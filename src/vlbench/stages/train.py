@@ -50,7 +50,7 @@ from ..scst import run_scst
 from ..selection import Selection, eval_cadence, make_dev_metric, selection_metric
 from ..tracking import Tracker
 from ..training import (Batches, Checkpoint, TextCache, TunedTextCache, WeightAverage, accumulate, amp_dtype,
-                        lr_at, make_step, native_bf16)
+                        lr_at, make_step, native_bf16, no_bf16_reason, variant_precision)
 
 
 def make_val_loss(model: AlignmentModel | CaptioningModel, cfg, inputs, splits_dir: str, cached_text: bool, device,
@@ -140,11 +140,11 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                   f"every step runs the whole text encoder", file=sys.stderr)
     optim = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                               fused=device.type == "cuda")  # one kernel for all parameters
-    precision = cfg.optim.precision or tcfg.precision  # the variant's own, else the run's
+    precision = variant_precision(cfg, tcfg)
     dtype = amp_dtype(precision, device)
     if dtype == torch.bfloat16 and not native_bf16(device) and ranks.is_main:
-        print(f"vlbench train: {name}: precision {precision!r}, but this {device.type} has no bf16 in hardware "
-              f"(no AVX512-BF16/AMX): autocast emulates it, many times slower than fp32; set precision: auto "
+        print(f"vlbench train: {name}: precision {precision!r}, but {no_bf16_reason(device)}: "
+              f"autocast emulates it, many times slower than fp32; set precision: auto "
               f"(bf16 only where it is native) or fp32", file=sys.stderr)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 underflows small gradients
@@ -219,19 +219,22 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
                       selection=selection.state_dict(),
                       average=average.state_dict() if average is not None else None, **more)
 
-        def validate(at_step: int, averaged: bool = True) -> None:
+        def validate(at_step: int, averaged: bool = True, with_loss: bool = True) -> None:
             """Dev loss and metric; the weight average's, when there is one and ``averaged``
-            (cross-entropy steps; SCST trains and evaluates its own weights)."""
+            (cross-entropy steps; SCST trains and evaluates its own weights). ``with_loss`` False:
+            the metric alone (weights whose dev loss is already logged)."""
             with average.applied() if averaged and average is not None else contextlib.nullcontext():
-                evaluate_dev(at_step)
+                evaluate_dev(at_step, with_loss)
             model.train()  # models keep their frozen parts in eval mode themselves
 
-        def evaluate_dev(at_step: int) -> None:
+        def evaluate_dev(at_step: int, with_loss: bool) -> None:
             nonlocal best_val
-            with amp:
-                loss = val_loss()
-            best_val = min(best_val, loss)
-            logged, value = {"val_loss": loss, "best_val_loss": best_val}, loss
+            logged, value = {}, None
+            if with_loss:
+                with amp:
+                    value = val_loss()
+                best_val = min(best_val, value)
+                logged = {"val_loss": value, "best_val_loss": best_val}
             if dev_metric is not None:
                 with amp:
                     value = dev_metric()
@@ -311,7 +314,9 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
             dev_metric = make_dev_metric(model, cfg, val_inputs, splits_dir, device, images, decoding=cfg.decoding)
             if "scst" not in (state or {}):  # a resumed SCST has its selection back from the checkpoint
                 selection.restart("configured_cider")
-                validate(done, averaged=False)  # the SCST start, scored like SCST's evaluations
+                # the SCST start, scored like SCST's evaluations; its dev loss was logged at the last CE
+                # evaluation (the same weights with start: last)
+                validate(done, averaged=False, with_loss=cfg.scst.start != "last")
         if scst:
             scst_rows, scst_done = run_scst(model, cfg, inputs, captions, device, mlflow, first_step=done, seed=tcfg.seed,
                                  state=state, amp=amp, scaler=scaler,
