@@ -161,19 +161,66 @@ def test_scst_selects_on_the_configured_decoding_when_asked(prepared, configured
     assert again == pytest.approx(best, abs=1e-4)
 
 
-def test_sigterm_during_scst_selected_on_the_configured_decoding_resumes_bit_identical(prepared, configured):
-    """The SCST selection (its metric, best weights and evaluations) comes back from the checkpoint:
-    the resumed run keeps the same model and dev curve as the straight one."""
-    r = train(prepared, "configured_killed", fault=f"TERM@{CONFIGURED_CE_STEPS + 2}", params="params_configured.yaml")
+@pytest.fixture(scope="module")
+def averaged(prepared, configured):
+    """The configured run with scst.ema_decay: SCST's evaluations score its weight average."""
+    import yaml
+
+    params = yaml.safe_load((prepared / "params_configured.yaml").read_text())
+    params["variants"]["gridcap"]["scst"]["ema_decay"] = 0.5
+    (prepared / "params_averaged.yaml").write_text(yaml.safe_dump(params))
+    r = train(prepared, "averaged", params="params_averaged.yaml")
+    assert r.returncode == 0, r.stderr
+    return prepared / "models/averaged"
+
+
+def test_scst_weight_average_is_what_its_evaluations_score_and_the_saved_model(prepared, configured, averaged):
+    """scst.ema_decay: SCST trains the same policy (the same candidates, so the same rewards, step
+    for step) while its evaluations after the start score the weight average, not the trained
+    weights; the saved model is the selected evaluation's average and scores its value again."""
+    from vlbench.inputs import open_inputs
+    from vlbench.models.trained import load_trained
+    from vlbench.selection import make_dev_metric
+
+    def rewards(tag):
+        return [r["scst_reward"] for r in csv.DictReader(open(prepared / f"metrics/curves/{tag}.csv")) if not r["loss"]]
+
+    def scst_evaluations(tag):
+        return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(open(prepared / f"metrics/curves/dev/{tag}.csv"))
+                if r["metric"] == "configured_cider"]
+
+    assert rewards("averaged") == rewards("configured") and len(rewards("averaged")) == SCST_STEPS
+    plain, avg = scst_evaluations("configured"), scst_evaluations("averaged")
+    assert avg[0] == plain[0]  # the SCST start: nothing averaged yet
+    assert [s for s, _ in avg] == [s for s, _ in plain] and avg[1:] != plain[1:], (avg, plain)
+    selected = json.loads((averaged / "config.json").read_text())["selection"]
+    best = max(v for _, v in avg)
+    assert selected["value"] == pytest.approx(best, abs=1e-4)
+    model, cfg, _ = load_trained(averaged)
+    val = open_inputs("val", str(prepared / "data/splits"), str(prepared / "data/features/efficientnet_lite0"), cfg)
+    again = make_dev_metric(model, cfg, val, str(prepared / "data/splits"), torch.device("cpu"), 0, decoding=cfg.decoding)()
+    assert again == pytest.approx(best, abs=1e-4)
+
+
+def test_sigterm_during_scst_selected_on_the_configured_decoding_resumes_bit_identical(prepared, averaged):
+    """The SCST selection (its metric, best weights and evaluations) and the SCST weight average come
+    back from the checkpoint: the resumed run keeps the same model and dev curve as the straight one."""
+    r = train(prepared, "averaged_killed", fault=f"TERM@{CONFIGURED_CE_STEPS + 2}", params="params_averaged.yaml")
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
-    r = train(prepared, "configured_killed", params="params_configured.yaml")
+    r = train(prepared, "averaged_killed", params="params_averaged.yaml")
     assert r.returncode == 0, r.stderr
     assert "resuming SCST from step 2/4" in r.stderr
-    a = load_file(str(prepared / "models/configured_killed/model.safetensors"))
-    b = load_file(str(configured / "model.safetensors"))
+    a = load_file(str(prepared / "models/averaged_killed/model.safetensors"))
+    b = load_file(str(averaged / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     curve = "metrics/curves/dev/{}.csv"
-    assert (prepared / curve.format("configured_killed")).read_text() == (prepared / curve.format("configured")).read_text()
+    assert (prepared / curve.format("averaged_killed")).read_text() == (prepared / curve.format("averaged")).read_text()
+    import mlflow  # the dev loss of the weight average at each evaluation after the resume: a finer check than CIDEr
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{prepared / 'mlflow.db'}")
+    losses = [[(m.step, m.value) for m in client.get_metric_history((prepared / f"models/{tag}/run_id").read_text(), "val_loss")
+               if m.step > CONFIGURED_CE_STEPS + 2] for tag in ("averaged_killed", "averaged")]
+    assert len(losses[0]) == SCST_STEPS - 2 and sorted(losses[0]) == sorted(losses[1])
 
 
 def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):

@@ -21,7 +21,9 @@ Model selection goes on through SCST (vlbench/selection.py): every ``train.eval_
 steps and after the last, the train stage's dev evaluation scores the model with the same dev
 metric and the same ``Selection`` as its cross-entropy steps (patience restarts at the first SCST
 step), so the saved model is the best dev evaluation of either phase; SCST that lowers dev CIDEr
-leaves the cross-entropy model in place. Logged to MLflow: ``scst_reward`` and ``scst_baseline``
+leaves the cross-entropy model in place. With ``scst.ema_decay`` > 0 those evaluations score an
+exponential moving average of the SCST weights (training.WeightAverage) and the saved model is that
+average; the policy itself trains on, and samples from, its own weights. Logged to MLflow: ``scst_reward`` and ``scst_baseline``
 (batch means of the reward x100, the scale of the test metrics) every ``optim.log_every`` steps,
 ``scst_seconds``, and the dev metric of each evaluation (steps numbered on from the cross-entropy
 steps, as are the reward rows in the training-curve CSV).
@@ -47,6 +49,7 @@ from tqdm import tqdm
 from .metrics.cider_d import CiderD
 from .metrics.sentence_bleu import bleu_against, reference_clips
 from .runtime import fault_point
+from .training import WeightAverage
 
 def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
     """rewards [B, k] -> baselines [B, k]: for each sample the mean reward of the other k-1 samples
@@ -129,9 +132,14 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
     trainer = ScstTrainer(model, cider, scfg.samples, scfg.max_len, optimizer, generator, amp, scaler,
                           candidates=scfg.candidates, bleu_weight=scfg.bleu_weight)
 
+    average = WeightAverage({k: p for k, p in model.named_parameters() if p.requires_grad},
+                            scfg.ema_decay) if scfg.ema_decay else None
+
     resumed = (state or {}).get("scst")
     if resumed is not None:
         model.load_state_dict(state["model"], strict=False)  # the SCST weights of that checkpoint
+        if average is not None:
+            average.load_state_dict(resumed["average"])
         optimizer.load_state_dict(resumed["optim"])
         rng.setstate(resumed["rng"])
         generator.set_state(resumed["generator"])
@@ -143,7 +151,8 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
 
     def snapshot(done: int) -> dict:
         return {"step": done, "optim": optimizer.state_dict(), "rng": rng.getstate(),
-                "generator": generator.get_state(), "rows": rows, "first_step": first_step}
+                "generator": generator.get_state(), "rows": rows, "first_step": first_step,
+                "average": average.state_dict() if average is not None else None}
 
     t0, done = time.perf_counter(), begin
     bar = tqdm(desc=f"SCST {name}".strip(), unit="step", initial=begin, total=scfg.steps)
@@ -153,6 +162,8 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
         for group in optimizer.param_groups:
             group["lr"] = lr
         out = trainer.step(inputs.batch(idx).to(device), [captions[i] for i in idx])
+        if average is not None:
+            average.update(s)
         if s % cfg.optim.log_every == 0 or s == scfg.steps - 1:
             reward, baseline = 100.0 * out["reward"], 100.0 * out["baseline"]
             rows.append({"step": first_step + s, "lr": lr, "scst_reward": round(reward, 5),
@@ -164,7 +175,8 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
         done = s + 1
         fault_point(first_step + done)
         if (eval_every and done % eval_every == 0) or done == scfg.steps:
-            evaluate(first_step + done)
+            with average.applied() if average is not None else contextlib.nullcontext():
+                evaluate(first_step + done)
         early = selection.exhausted and done < scfg.steps
         if early:
             print(f"vlbench train: SCST stopped after step {done}: no better dev {selection.metric} in "
