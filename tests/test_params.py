@@ -2,6 +2,7 @@
 import copy
 
 import pytest
+import torch
 import yaml
 
 from conftest import run_cli, tiny_params
@@ -140,10 +141,11 @@ def test_check_warns_about_variants_under_emulated_bf16(monkeypatch, capsys, tmp
     params["train"]["precision"] = "bf16"
     params["variants"]["gridcap"]["optim"]["precision"] = "auto"  # bf16 only where native: never emulated
     monkeypatch.setattr(vlbench.training, "native_bf16", lambda device: native)
-    assert check.emulated_bf16(params) == ([] if native else ["clip"])
+    cpu = torch.device("cpu")
+    assert check.emulated_bf16(params, cpu) == ([] if native else ["clip"])
     params["train"]["precision"] = "fp32"
     params["variants"]["gridcap"]["optim"]["precision"] = "bf16"  # a variant's own bf16 counts too
-    assert check.emulated_bf16(params) == ([] if native else ["gridcap"])
+    assert check.emulated_bf16(params, cpu) == ([] if native else ["gridcap"])
     # the command: a warning, not an error (check still passes and stamps)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -155,8 +157,6 @@ def test_check_warns_about_variants_under_emulated_bf16(monkeypatch, capsys, tmp
 
 def test_check_names_why_a_gpu_has_no_bf16(monkeypatch, capsys, tmp_path):
     """device: cuda on a GPU without bf16: the warning says so, not that the CPU lacks AVX512-BF16."""
-    import torch
-
     from vlbench.commands import check
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

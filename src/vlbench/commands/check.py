@@ -14,15 +14,14 @@ from ..params import load_params, section, variant_names
 from ..validation import validate_all
 
 
-def emulated_bf16(raw: dict) -> list[str]:
+def emulated_bf16(raw: dict, device) -> list[str]:
     """The variants whose precision (``optim.precision``, else ``train.precision``) is an explicit bf16
-    that the train stage's device would emulate (no AVX512-BF16/AMX, or a GPU without bf16)."""
+    that ``device`` (the train stage's) would emulate (no AVX512-BF16/AMX, or a GPU without bf16)."""
     from ..models.variants import build_variant
-    from ..runtime import pick_device
     from ..training import native_bf16, variant_precision
 
     tcfg = section(raw, "train")
-    if native_bf16(pick_device(tcfg.device)):
+    if native_bf16(device):
         return []
     groups = {"variants": raw.get("variants") or {}, "pixel_variants": raw.get("pixel_variants") or {}}
     return [name for group, variants in groups.items() for name, params in variants.items()
@@ -36,13 +35,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     raw = load_params(a.params)
     validate_all(raw)
-    slow = emulated_bf16(raw)
+    from ..runtime import pick_device
+
+    device = pick_device(section(raw, "train").device)
+    slow = emulated_bf16(raw, device)
     if slow:
-        from ..runtime import pick_device
         from ..training import no_bf16_reason
 
-        reason = no_bf16_reason(pick_device(section(raw, "train").device))
-        print(f"vlbench check: warning: precision bf16, but {reason}: "
+        print(f"vlbench check: warning: precision bf16, but {no_bf16_reason(device)}: "
               f"{', '.join(slow)} would train many times slower than in fp32; set train.precision (or the variant's "
               f"optim.precision) to auto (bf16 only where it is native) or fp32", file=sys.stderr)
     if a.stamp:
