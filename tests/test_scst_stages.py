@@ -109,6 +109,17 @@ def test_scst_starts_from_the_selected_or_the_last_cross_entropy_weights(prepare
 CONFIGURED_CE_STEPS = 30
 
 
+def configured_cider_of(prepared, model_dir) -> float:
+    """CIDEr-D of a saved model's own decoding on every dev image (SCST's configured dev metric)."""
+    from vlbench.inputs import open_inputs
+    from vlbench.models.trained import load_trained
+    from vlbench.selection import make_dev_metric
+
+    model, cfg, _ = load_trained(model_dir)
+    val = open_inputs("val", str(prepared / "data/splits"), str(prepared / "data/features/efficientnet_lite0"), cfg)
+    return make_dev_metric(model, cfg, val, str(prepared / "data/splits"), torch.device("cpu"), 0, decoding=cfg.decoding)()
+
+
 @pytest.fixture(scope="module")
 def configured(prepared):
     """A run with scst.dev_decoding: configured (beam 3), SCST evaluated after every step, from the
@@ -130,10 +141,6 @@ def test_scst_selects_on_the_configured_decoding_when_asked(prepared, configured
     """scst.dev_decoding: configured: the SCST start and every SCST evaluation (scst.eval_every) are
     scored by CIDEr-D of the variant's own decoding (beam 3 here) on scst.dev_images dev images, and
     the saved model is the best of those, scoring that value again when re-evaluated."""
-    from vlbench.inputs import open_inputs
-    from vlbench.models.trained import load_trained
-    from vlbench.selection import make_dev_metric
-
     ce_steps = CONFIGURED_CE_STEPS
     curve = list(csv.DictReader(open(prepared / "metrics/curves/dev/configured.csv")))
     greedy = [(int(r["step"]), float(r["value"])) for r in curve if r["metric"] == "cider"]
@@ -155,10 +162,7 @@ def test_scst_selects_on_the_configured_decoding_when_asked(prepared, configured
     losses = [m.step for m in client.get_metric_history(run_id, "val_loss")]
     assert sorted(losses) == list(range(2, ce_steps + 1, 2)) + list(range(ce_steps + 1, ce_steps + SCST_STEPS + 1))
     # the saved weights are the selected evaluation's: they score its value again
-    model, cfg, _ = load_trained(prepared / "models/configured")
-    val = open_inputs("val", str(prepared / "data/splits"), str(prepared / "data/features/efficientnet_lite0"), cfg)
-    again = make_dev_metric(model, cfg, val, str(prepared / "data/splits"), torch.device("cpu"), 0, decoding=cfg.decoding)()
-    assert again == pytest.approx(best, abs=1e-4)
+    assert configured_cider_of(prepared, prepared / "models/configured") == pytest.approx(best, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +182,6 @@ def test_scst_weight_average_is_what_its_evaluations_score_and_the_saved_model(p
     """scst.ema_decay: SCST trains the same policy (the same candidates, so the same rewards, step
     for step) while its evaluations after the start score the weight average, not the trained
     weights; the saved model is the selected evaluation's average and scores its value again."""
-    from vlbench.inputs import open_inputs
-    from vlbench.models.trained import load_trained
-    from vlbench.selection import make_dev_metric
-
     def rewards(tag):
         return [r["scst_reward"] for r in csv.DictReader(open(prepared / f"metrics/curves/{tag}.csv")) if not r["loss"]]
 
@@ -196,10 +196,7 @@ def test_scst_weight_average_is_what_its_evaluations_score_and_the_saved_model(p
     selected = json.loads((averaged / "config.json").read_text())["selection"]
     best = max(v for _, v in avg)
     assert selected["value"] == pytest.approx(best, abs=1e-4)
-    model, cfg, _ = load_trained(averaged)
-    val = open_inputs("val", str(prepared / "data/splits"), str(prepared / "data/features/efficientnet_lite0"), cfg)
-    again = make_dev_metric(model, cfg, val, str(prepared / "data/splits"), torch.device("cpu"), 0, decoding=cfg.decoding)()
-    assert again == pytest.approx(best, abs=1e-4)
+    assert configured_cider_of(prepared, averaged) == pytest.approx(best, abs=1e-4)
 
 
 def test_sigterm_during_scst_selected_on_the_configured_decoding_resumes_bit_identical(prepared, averaged):

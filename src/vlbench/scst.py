@@ -23,8 +23,9 @@ metric and the same ``Selection`` as its cross-entropy steps (patience restarts 
 step), so the saved model is the best dev evaluation of either phase; SCST that lowers dev CIDEr
 leaves the cross-entropy model in place. With ``scst.ema_decay`` > 0 those evaluations score an
 exponential moving average of the SCST weights (training.WeightAverage) and the saved model is that
-average; the policy itself trains on, and samples from, its own weights. Logged to MLflow: ``scst_reward`` and ``scst_baseline``
-(batch means of the reward x100, the scale of the test metrics) every ``optim.log_every`` steps,
+average; the policy itself trains on, and samples from, its own weights. Logged to MLflow:
+``scst_reward`` and ``scst_baseline`` (batch means of the reward x100, the scale of the test
+metrics) every ``optim.log_every`` steps,
 ``scst_seconds``, and the dev metric of each evaluation (steps numbered on from the cross-entropy
 steps, as are the reward rows in the training-curve CSV).
 
