@@ -316,7 +316,8 @@ def test_lm_captioner_samples_carry_gradients_and_their_true_logprobs(model_name
                                        ({"samples": "five"}, "samples"), ({"rounds": 3}, "rounds"),
                                        ({"warmup_steps": -1}, "warmup_steps"), ({"bleu_weight": -0.5}, "bleu_weight"),
                                        ({"dev_decoding": "beam"}, "dev_decoding"), ({"dev_images": -1}, "dev_images"),
-                                       ({"eval_every": -5}, "eval_every"), ({"ema_decay": 1.0}, "ema_decay")])
+                                       ({"eval_every": -5}, "eval_every"), ({"ema_decay": 1.0}, "ema_decay"),
+                                       ({"patience": -1}, "patience")])
 def test_bad_scst_params_name_the_key(edit, key):
     from vlbench.validation import validate_all
 

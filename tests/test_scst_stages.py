@@ -64,7 +64,8 @@ def test_scst_logs_its_reward_curve(prepared, straight):
 
 def test_scst_that_lowers_dev_cider_leaves_the_cross_entropy_model(prepared):
     """SCST at a learning rate that wrecks the captioner: the dev evaluations during SCST are worse,
-    so the saved model is the cross-entropy one, weight for weight."""
+    so the saved model is the cross-entropy one, weight for weight; with scst.patience 1 SCST stops
+    after its first evaluation."""
     import yaml
 
     params = yaml.safe_load((prepared / "params.yaml").read_text())
@@ -72,17 +73,24 @@ def test_scst_that_lowers_dev_cider_leaves_the_cross_entropy_model(prepared):
     params["variants"]["gridcap"]["optim"].update(steps=ce_steps, lr=3e-3)
     params["variants"]["gridcap"]["scst"].update(lr=1.0, warmup_steps=0)
     (prepared / "params_wreck.yaml").write_text(yaml.safe_dump(params))
+    params["variants"]["gridcap"]["scst"]["patience"] = 1  # SCST's own early stopping: after one worse evaluation
+    (prepared / "params_wreck_patience1.yaml").write_text(yaml.safe_dump(params))
     params["variants"]["gridcap"]["scst"]["steps"] = 0
     (prepared / "params_ce.yaml").write_text(yaml.safe_dump(params))
-    for tag, file in (("wreck", "params_wreck.yaml"), ("ce_only", "params_ce.yaml")):
+    runs = (("wreck", "params_wreck.yaml"), ("wreck_patience1", "params_wreck_patience1.yaml"), ("ce_only", "params_ce.yaml"))
+    for tag, file in runs:
         r = train(prepared, tag, params=file)
         assert r.returncode == 0, r.stderr
-    curve = list(csv.DictReader(open(prepared / "metrics/curves/dev/wreck.csv")))
-    ce = [float(r["value"]) for r in curve if int(r["step"]) <= ce_steps]
-    scst = [float(r["value"]) for r in curve if int(r["step"]) > ce_steps]
-    assert len(scst) == 2 and max(scst) < max(ce), curve
-    a, b = load_file(str(prepared / "models/wreck/model.safetensors")), load_file(str(prepared / "models/ce_only/model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ce_only = load_file(str(prepared / "models/ce_only/model.safetensors"))
+    for tag, evaluations in (("wreck", 2), ("wreck_patience1", 1)):  # train.patience (0 here) never stops SCST
+        curve = list(csv.DictReader(open(prepared / f"metrics/curves/dev/{tag}.csv")))
+        ce = [float(r["value"]) for r in curve if int(r["step"]) <= ce_steps]
+        scst = [float(r["value"]) for r in curve if int(r["step"]) > ce_steps]
+        assert len(scst) == evaluations and max(scst) < max(ce), curve
+        selected = json.loads((prepared / f"models/{tag}/config.json").read_text())["selection"]
+        assert selected["scst_steps_trained"] == 2 * evaluations  # eval_every 2
+        a = load_file(str(prepared / f"models/{tag}/model.safetensors"))
+        assert a.keys() == ce_only.keys() and all(torch.equal(a[k], ce_only[k]) for k in a)
 
 
 @pytest.mark.parametrize("start", ["best", "last"])

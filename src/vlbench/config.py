@@ -214,6 +214,10 @@ class ScstConfig:
     # weights (training.WeightAverage, as optim.ema_decay in cross-entropy training); the policy gradient
     # of a few images a step moves dev CIDEr up and down by about 1 between evaluations. 0 = off
     ema_decay: float = 0.0
+    # evaluations in a row without a better dev metric before SCST stops: None = train.patience, 0 =
+    # never (every SCST step is trained and the best evaluation kept). SCST's dev curve dips and
+    # recovers over more evaluations than cross-entropy's does
+    patience: int | None = None
 
     def check(self, p):
         if self.steps < 0:
@@ -228,7 +232,7 @@ class ScstConfig:
             raise ParamError(f"{p}.bleu_weight: must be >= 0 (0 = CIDEr-D alone), got {self.bleu_weight}")
         if not 0 <= self.ema_decay < 1:
             raise ParamError(f"{p}.ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
-        for key in ("dev_images", "eval_every"):
+        for key in ("dev_images", "eval_every", "patience"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ParamError(f"{p}.{key}: must be >= 0 or unset, got {getattr(self, key)}")
 

@@ -20,8 +20,9 @@ clipped at norm 1 as in cross-entropy training.
 Model selection goes on through SCST (vlbench/selection.py): every ``train.eval_every`` SCST
 steps and after the last, the train stage's dev evaluation scores the model with the same dev
 metric and the same ``Selection`` as its cross-entropy steps (patience restarts at the first SCST
-step), so the saved model is the best dev evaluation of either phase; SCST that lowers dev CIDEr
-leaves the cross-entropy model in place. With ``scst.ema_decay`` > 0 those evaluations score an
+step; ``scst.patience`` replaces ``train.patience`` there when set, 0 = never stop), so the saved
+model is the best dev evaluation of either phase; SCST that lowers dev CIDEr leaves the
+cross-entropy model in place. With ``scst.ema_decay`` > 0 those evaluations score an
 exponential moving average of the SCST weights (training.WeightAverage) and the saved model is that
 average; the policy itself trains on, and samples from, its own weights. Logged to MLflow:
 ``scst_reward`` and ``scst_baseline`` (batch means of the reward x100, the scale of the test
@@ -136,6 +137,8 @@ def run_scst(model, cfg, inputs, captions: list[list[str]], device, mlflow, *, f
     average = WeightAverage({k: p for k, p in model.named_parameters() if p.requires_grad},
                             scfg.ema_decay) if scfg.ema_decay else None
 
+    if scfg.patience is not None:  # SCST's own early stopping (the selection is not saved with it: set on resume too)
+        selection.patience = scfg.patience
     resumed = (state or {}).get("scst")
     if resumed is not None:
         model.load_state_dict(state["model"], strict=False)  # the SCST weights of that checkpoint
