@@ -228,6 +228,46 @@ def test_sigterm_during_scst_selected_on_the_configured_decoding_resumes_bit_ide
     assert len(losses[0]) == SCST_STEPS - 2 and sorted(losses[0]) == sorted(losses[1])
 
 
+def test_a_run_that_changes_only_scst_starts_from_the_kept_cross_entropy_end(prepared, configured, averaged):
+    """``averaged`` differs from ``configured`` in scst.ema_decay alone: given configured's checkpoint
+    folder (its ce_end.pt, kept after the stage) it skips the cross-entropy steps and ends weight for
+    weight, curve for curve, where the run from scratch ends, in an MLflow run of its own that names
+    the run it took them from. A change outside scst trains them again."""
+    import mlflow
+    import yaml
+
+    kept = prepared / "checkpoints/configured"
+    assert (kept / "ce_end.pt").is_file() and not (kept / "last.pt").exists()
+    shutil.copytree(kept, prepared / "checkpoints/averaged_reused")
+    r = train(prepared, "averaged_reused", params="params_averaged.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "SCST starts from their end" in r.stderr
+    assert "train gridcap: 100%|" in r.stderr and f"{CONFIGURED_CE_STEPS}/{CONFIGURED_CE_STEPS} [" in r.stderr
+    a = load_file(str(prepared / "models/averaged_reused/model.safetensors"))
+    b = load_file(str(averaged / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for curve in ("metrics/curves/{}.csv", "metrics/curves/dev/{}.csv"):
+        assert (prepared / curve.format("averaged_reused")).read_text() == (prepared / curve.format("averaged")).read_text()
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{prepared / 'mlflow.db'}")
+    reused_run, fresh_run, ce_run = ((prepared / f"models/{tag}/run_id").read_text()
+                                     for tag in ("averaged_reused", "averaged", "configured"))
+    assert len({reused_run, fresh_run, ce_run}) == 3
+    assert client.get_run(reused_run).data.params["cross_entropy_run"] == ce_run
+    for key in ("train_loss", "dev_cider", "dev_configured_cider", "scst_reward"):  # the copied curves and SCST's own
+        (steps, values), (fresh_steps, fresh_values) = (
+            zip(*sorted((m.step, m.value) for m in client.get_metric_history(run, key))) for run in (reused_run, fresh_run))
+        assert steps == fresh_steps and values == pytest.approx(fresh_values, abs=1e-5), key  # copies: the curve's 5 decimals
+
+    params = yaml.safe_load((prepared / "params_averaged.yaml").read_text())
+    params["variants"]["gridcap"]["optim"]["lr"] = 1e-3
+    (prepared / "params_other_ce.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(kept, prepared / "checkpoints/other_ce")
+    r = train(prepared, "other_ce", params="params_other_ce.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "ce_end.pt was made with other params; starting afresh" in r.stderr and "SCST starts" not in r.stderr
+
+
 def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):
     r = train(prepared, "killed", fault=f"TERM@{CE_STEPS + 2}")  # after the 2nd SCST step
     assert r.returncode == 128 + signal.SIGTERM, r.stderr

@@ -280,8 +280,8 @@ class WeightAverage:
 class Checkpoint:
     """The state needed to continue training exactly, loaded without pickle (weights_only)."""
 
-    def __init__(self, folder: Path, fingerprint: str):
-        self.path, self.fingerprint = folder / "last.pt", fingerprint
+    def __init__(self, folder: Path, fingerprint: str, filename: str = "last.pt"):
+        self.path, self.fingerprint = folder / filename, fingerprint
 
     def load(self) -> dict | None:
         if not self.path.is_file():

@@ -18,6 +18,11 @@ weights, optimizer, step, RNG states, curve so far, MLflow run id) goes to
 ``checkpoints/<variant>/last.pt``, outside the stage's outs so DVC does not delete it. Running the
 stage again with the same params continues from there, in the same MLflow run, and ends with the
 same weights as an uninterrupted run. A checkpoint made under other params is ignored.
+A captioner with SCST (vlbench/scst.py) also keeps the state at the end of its cross-entropy steps,
+``checkpoints/<variant>/ce_end.pt``, made under every param but ``scst``: a run that changes only SCST
+settings (an SCST sweep) loads it, skips those steps, and ends with the weights a run from scratch
+would; it starts a new MLflow run (param ``cross_entropy_run``: the run that trained those steps) with
+their loss and dev curves copied in. The file stays after the stage; delete it to free the disk.
 
 Many processes: the same command under ``torchrun --nproc_per_node N -m vlbench train ...`` (or
 ``accelerate launch``) trains with DDP; ``optim.batch_size`` stays the global batch, each rank
@@ -176,10 +181,19 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     batches = Batches(len(inputs), captions, cfg.optim.batch_size, tcfg.seed, getattr(cfg, "caption_sampling", "random"),
                       getattr(cfg, "captions_per_image", 1))
 
-    ckpt = Checkpoint(Path(checkpoint_dir or f"checkpoints/{name}"),
-                      fingerprint(variant_params(raw, name), tcfg.seed, precision, tcfg.grad_accum_steps, extra, ids,
-                                  [eval_every, tcfg.select_on, tcfg.patience, tcfg.dev_images]))
+    def made_under(vparams: dict) -> str:
+        return fingerprint(vparams, tcfg.seed, precision, tcfg.grad_accum_steps, extra, ids,
+                           [eval_every, tcfg.select_on, tcfg.patience, tcfg.dev_images])
+
+    folder = Path(checkpoint_dir or f"checkpoints/{name}")
+    ckpt = Checkpoint(folder, made_under(variant_params(raw, name)))
+    scst = cfg.family == "captioning" and cfg.scst.steps
+    # the state at the end of the cross-entropy steps, made under every param but scst's: a run that
+    # changes only SCST settings starts from it instead of repeating those steps (same weights)
+    ce_end = Checkpoint(folder, made_under({k: v for k, v in variant_params(raw, name).items() if k != "scst"}),
+                        "ce_end.pt") if scst else None
     state = ckpt.load()
+    ce_reused = state is None and ce_end is not None and (state := ce_end.load()) is not None
     start, rows, best_val = 0, [], float("inf")
     run_id_file = out_dir / "run_id"
     if state is not None:  # every rank loads it: they all continue from the same state
@@ -192,7 +206,10 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         selection.load_state_dict(state["selection"])
         if average is not None:
             average.load_state_dict(state["average"])
-        if ranks.is_main:
+        if ranks.is_main and ce_reused:
+            print(f"vlbench train: {name}: the cross-entropy steps of MLflow run {state['run_id']} ({ce_end.path}), "
+                  f"made under the same params but scst; SCST starts from their end", file=sys.stderr)
+        elif ranks.is_main:
             io.write_text(run_id_file, state["run_id"])
             print(f"vlbench train: resuming {name} from step {start}/{cfg.optim.steps}", file=sys.stderr)
 
@@ -201,18 +218,25 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
 
     # lineage: the DVC hashes of what it trains on (data/raw for pixel variants: their images)
     read = [splits_dir, features_dir or str(Path(splits_dir).parent / "raw")]
-    tracker = Tracker(tracking.experiment, name, run_id_file, resume=state is not None, inputs=read,
+    resuming = state is not None and not ce_reused  # a reused cross-entropy end starts a new MLflow run
+    tracker = Tracker(tracking.experiment, name, run_id_file, resume=resuming, inputs=read,
                       context="training") if ranks.is_main else Quiet()
     with tracker as mlflow:
-        if state is None:
+        if not resuming:
             mlflow.log_params({**to_flat_dict(cfg), "seed": tcfg.seed, "device": str(device),
                                "trainable_params": n_trainable, "train_images": len(ids),
                                "precision": precision, "autocast": str(dtype or torch.float32).removeprefix("torch."),
                                "compile": tcfg.compile,
                                "grad_accum_steps": tcfg.grad_accum_steps, "world_size": ranks.world_size})
+        if ce_reused:  # the new run gets the reused steps' curves too (their dev loss is not kept)
+            mlflow.log_params({"cross_entropy_run": state["run_id"]})
+            for row in rows:
+                mlflow.log_metrics({"train_loss": row["loss"], "lr": row["lr"]}, step=row["step"])
+            for row in selection.rows:
+                mlflow.log_metrics({f"dev_{row['metric']}": row["value"]}, step=row["step"])
 
-        def save_checkpoint(next_step: int, **more) -> None:
-            ckpt.save(model={k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
+        def save_checkpoint(next_step: int, into: Checkpoint = ckpt, **more) -> None:
+            into.save(model={k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
                       optim=optim.state_dict(), scaler=scaler.state_dict(), step=next_step, rows=rows,
                       batch_rng=batches.rng.getstate(),
                       torch_rng=torch.get_rng_state(), run_id=mlflow.run_id, best_val_loss=best_val,
@@ -299,10 +323,11 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
         done = selection.stopped_at or done  # the last step trained (a resume after an early stop starts past it)
         if not ranks.is_main:
             return
-        mlflow.log_metrics({"train_seconds": seconds,
-                            "train_samples_per_s": max(0, done - start) * cfg.optim.batch_size / max(seconds, 1e-9),
-                            "selected_step": selection.best_step})
-        scst = cfg.family == "captioning" and cfg.scst.steps
+        if scst and not ce_reused and "scst" not in (state or {}):
+            save_checkpoint(cfg.optim.steps, into=ce_end)  # the loop above is skipped when it is loaded
+        timing = {} if ce_reused else {"train_seconds": seconds, "train_samples_per_s":
+                                       max(0, done - start) * cfg.optim.batch_size / max(seconds, 1e-9)}
+        mlflow.log_metrics({**timing, "selected_step": selection.best_step})
         if scst and cfg.scst.start == "last":  # the last evaluation's weights (a resumed SCST loads its own)
             if average is not None:
                 average.copy_to_weights()
