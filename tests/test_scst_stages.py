@@ -305,3 +305,44 @@ def test_evaluate_scores_each_decoding_once_with_diversity(prepared, straight):
     assert [c["caption"] for c in captions] == [c["decodings"]["greedy"] for c in captions]
     text = summarise([result])
     assert "*human references*" in text and "| gridcap | greedy (configured) |" in text.replace("**", "")
+
+
+def test_a_reranking_run_reuses_the_cross_entropy_end_and_its_model_keeps_the_neighbours(prepared, configured):
+    """``decoding.rerank_neighbours`` (consensus re-ranking, models/consensus.py) changes neither the
+    cross-entropy steps (they decode greedily) nor SCST's updates, only which captions the configured
+    decoding gives: a run that adds it starts from configured's ce_end.pt, evaluates SCST with the
+    re-ranked beams, and saves the training images' pooled features and captions with the model, so
+    the reloaded model scores its selected value again and the evaluate stage shows the re-ranked
+    decoding beside the plain beam search."""
+    import yaml
+
+    params = yaml.safe_load((prepared / "params_configured.yaml").read_text())
+    params["variants"]["gridcap"]["decoding"].update(rerank_neighbours=3, rerank_weight=2.0)
+    (prepared / "params_reranked.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(prepared / "checkpoints/configured", prepared / "checkpoints/reranked")
+    r = train(prepared, "reranked", params="params_reranked.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "SCST starts from their end" in r.stderr
+    folder = prepared / "models/reranked"
+    train_ids = json.loads((prepared / "data/features/efficientnet_lite0/train_ids.json").read_text())
+    features = load_file(str(folder / "neighbours.safetensors"))["features"]
+    captions = json.loads((folder / "neighbours.json").read_text())
+    assert features.shape[0] == len(captions) == len(train_ids) and all(len(c) == 5 for c in captions)
+    assert torch.allclose(features.float().norm(dim=-1), torch.ones(len(train_ids)), atol=1e-2)  # unit length (fp16)
+    selected = json.loads((folder / "config.json").read_text())["selection"]
+    assert selected["metric"] == "configured_cider"
+    assert configured_cider_of(prepared, folder) == pytest.approx(selected["value"], abs=1e-4)
+    # the same SCST updates: the SCST start scores differently only through the re-ranking
+    curve = {tag: [(int(r["step"]), float(r["value"])) for r in csv.DictReader(open(prepared / f"metrics/curves/dev/{tag}.csv"))
+                   if r["metric"] == "configured_cider"] for tag in ("configured", "reranked")}
+    assert [s for s, _ in curve["reranked"]] == [s for s, _ in curve["configured"]]
+
+    env = env_with_venv()
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{prepared / 'mlflow.db'}"
+    r = subprocess.run([sys.executable, "-m", "vlbench", "evaluate", "--variant", "gridcap", "--model", str(folder),
+                        "--features", "data/features/efficientnet_lite0", "--metrics", "metrics_reranked"],
+                       cwd=prepared, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((prepared / "metrics_reranked/gridcap.json").read_text())
+    assert result["decoding"] == "beam3_lp1_rerank3x2"
+    assert list(result["decodings"]) == ["greedy", "beam3_lp1", "beam3_lp1_rerank3x2"]

@@ -169,11 +169,23 @@ class DecodingConfig:
     # sum, which favours short captions; 1 = the mean per token. The grid transformer's own search
     # only: the LM captioners' generate applies Hugging Face's own (length_penalty 1.0)
     length_penalty: float = 0.0
+    # consensus re-ranking (models/consensus.py): beam search's final beams re-ranked by z(ranking score)
+    # + rerank_weight x z(CIDEr-D against the captions of the rerank_neighbours training images nearest
+    # in mean-pooled image features); 0 = off. The grid transformer's beam search only; its model
+    # folder then keeps those training images' pooled features and captions
+    rerank_neighbours: int = 0
+    rerank_weight: float = 1.0
 
     def check(self, p):
         positive(p, self, "beam_size", "temperature", "max_len")
         in_range(p, self, "top_p", 1e-6, 1.0)
         in_range(p, self, "length_penalty", 0.0, 5.0)
+        in_range(p, self, "rerank_weight", 0.0, 100.0)
+        if self.rerank_neighbours < 0:
+            raise ParamError(f"{p}.rerank_neighbours: must be >= 0 (0 = off), got {self.rerank_neighbours}")
+        if self.rerank_neighbours and self.strategy != "beam":
+            raise ParamError(f"{p}.rerank_neighbours: re-ranks the beams of a beam search; set {p}.strategy: beam "
+                             f"(it is {self.strategy!r}) or leave rerank_neighbours at 0")
 
 
 @dataclass
@@ -243,6 +255,9 @@ def check_lm_captioner_search(p: str, decoding: DecodingConfig, scst: ScstConfig
     if decoding.length_penalty != 0:
         raise ParamError(f"{p}.decoding.length_penalty: implemented for the grid transformer only (this "
                          f"captioner's generate applies Hugging Face's own, 1.0); leave it at 0")
+    if decoding.rerank_neighbours:
+        raise ParamError(f"{p}.decoding.rerank_neighbours: implemented for the grid transformer's beam search only; "
+                         f"leave it at 0")
     if scst.candidates != "sample":
         raise ParamError(f"{p}.scst.candidates: {scst.candidates!r} is implemented for the grid transformer only; "
                          f"use 'sample' for this captioner")

@@ -299,10 +299,10 @@ def evaluate_alignment(model: AlignmentModel, inputs, captions, paths, device, b
 def nearest_neighbour_captions(test_feats, train_feats, train_captions: list[list[str]], chunk: int = 1024) -> list[str]:
     """Baseline: each test image gets the first caption of its most similar training image
     (cosine similarity of mean-pooled image features)."""
+    from .models.consensus import pooled_image_features
+
     def pooled(f):
-        out = [torch.nn.functional.normalize(torch.from_numpy(np.array(f[s : s + chunk])).float().mean(1), dim=-1)
-               for s in range(0, len(f), chunk)]
-        return torch.cat(out)
+        return pooled_image_features(torch.from_numpy(np.array(f[s : s + chunk])) for s in range(0, len(f), chunk))
 
     nearest = (pooled(test_feats) @ pooled(train_feats).t()).argmax(1)
     return [train_captions[i][0] for i in nearest.tolist()]

@@ -18,11 +18,15 @@ BLOCK = "_block_trigrams"
 
 def decoding_name(d) -> str:
     """greedy | beam<k> (plus ``_lp<length_penalty>`` when not 0) | nucleus, plus ``_block_trigrams``
-    when set (a valid MLflow metric-name part)."""
+    when set, plus ``_rerank<neighbours>x<weight>`` for consensus re-ranking (a valid MLflow
+    metric-name part)."""
     base = f"beam{d.beam_size}" if d.strategy == "beam" else d.strategy
     if d.strategy == "beam" and getattr(d, "length_penalty", 0):
         base += f"_lp{d.length_penalty:g}"
-    return base + (BLOCK if getattr(d, "block_trigrams", False) else "")
+    base += BLOCK if getattr(d, "block_trigrams", False) else ""
+    if d.strategy == "beam" and getattr(d, "rerank_neighbours", 0):
+        base += f"_rerank{d.rerank_neighbours}x{d.rerank_weight:g}"
+    return base
 
 
 def decodings_to_compare(configured, names) -> tuple[dict, str]:
@@ -31,7 +35,9 @@ def decodings_to_compare(configured, names) -> tuple[dict, str]:
     out = {}
     for n in names:
         strategy = n.removesuffix(BLOCK)
-        d = dataclasses.replace(configured, strategy=strategy, block_trigrams=n.endswith(BLOCK))
+        # the listed ones search without re-ranking: beside the configured one they show what it adds
+        d = dataclasses.replace(configured, strategy=strategy, block_trigrams=n.endswith(BLOCK),
+                                **({"rerank_neighbours": 0} if hasattr(configured, "rerank_neighbours") else {}))
         out[decoding_name(d)] = d
     head = decoding_name(configured)
     out[head] = configured  # the variant's own decoding, exactly as configured

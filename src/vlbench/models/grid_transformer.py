@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import DecodingConfig, OptimConfig, ScstConfig, VariantConfig, in_range, positive
 from ..errors import ParamError
-from .decoding import CachedDecoding, FullDecoding, TrigramBlocking, beam_search, sample_or_greedy
+from .decoding import CachedDecoding, FullDecoding, TrigramBlocking, beam_search_all, sample_or_greedy
 from .positions import RotaryEncoderLayer, sincos_2d
 from .registry import check_image_encoder
 from .sampling import Samples, beams_grid_transformer, sample_grid_transformer
@@ -63,6 +63,7 @@ class GridTransformerCaptioner(nn.Module):
     def __init__(self, cfg, image_dim: int, n_grid: int, vocab: Vocabulary | BPEVocabulary):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
+        self.neighbours = None  # NeighbourCaptions for decoding.rerank_neighbours (models/consensus.py)
         d = cfg.d_model
         side = math.isqrt(n_grid)
         if cfg.grid_positions != "learned" and side * side != n_grid:
@@ -131,7 +132,14 @@ class GridTransformerCaptioner(nn.Module):
             state = TrigramBlocking(state)
         max_len = min(decoding.max_len, self.cfg.max_len)
         if decoding.strategy == "beam":
-            ids = beam_search(state, len(grid), BOS, EOS, beam, max_len, decoding.length_penalty)
+            ids, ranking = beam_search_all(state, len(grid), BOS, EOS, beam, max_len, decoding.length_penalty)
+            if getattr(decoding, "rerank_neighbours", 0):
+                if self.neighbours is None:
+                    raise RuntimeError("decoding.rerank_neighbours needs the training images' captions with the model "
+                                       "(neighbours.safetensors in its folder): train it with rerank_neighbours set")
+                return self.neighbours.rerank(grid, [self.vocab.decode(row[1:]) for row in ids], ranking,
+                                              decoding.rerank_neighbours, decoding.rerank_weight)
+            ids = ids[ranking.argmax(-1) + torch.arange(len(grid), device=ids.device) * beam]
         else:
             ids = sample_or_greedy(state, len(grid), BOS, EOS, max_len, decoding, generator)
         return [self.vocab.decode(row[1:]) for row in ids]

@@ -2,7 +2,8 @@
 
 A trained model folder holds ``model.safetensors`` (trainable weights only: frozen pretrained
 parts are reloaded from the registry), ``config.json`` (the variant's params plus what the
-data decided: feature sizes, vocabulary) and ``run_id`` (its MLflow run).
+data decided: feature sizes, vocabulary), ``run_id`` (its MLflow run) and, for a captioner that
+re-ranks its beams by their training neighbours' captions, those (models/consensus.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import io
+from .consensus import NeighbourCaptions
 from .variants import build_variant, create_variant_model
 
 
@@ -32,6 +34,8 @@ def save_trained(model: nn.Module, folder: Path, name: str, raw_cfg: dict, extra
             seen.add(v.data_ptr())
             unique[k] = v
         save_file(unique, str(tmp))
+    if getattr(model, "neighbours", None) is not None:
+        model.neighbours.save(folder)
     io.write_json(folder / "config.json", {"variant": name, "params": raw_cfg, **extra})
 
 
@@ -45,4 +49,6 @@ def load_trained(folder: str | Path):
     own = set(trainable_state(model))
     if unexpected or (own & set(missing)) - getattr(model, "tied_weights", set()):
         raise RuntimeError(f"{folder}: checkpoint does not match the model ({sorted(own & set(missing))[:3]} missing)")
+    if hasattr(model, "neighbours"):
+        model.neighbours = NeighbourCaptions.load(folder)
     return model.eval(), cfg, meta

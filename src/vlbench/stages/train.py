@@ -19,8 +19,8 @@ weights, optimizer, step, RNG states, curve so far, MLflow run id) goes to
 stage again with the same params continues from there, in the same MLflow run, and ends with the
 same weights as an uninterrupted run. A checkpoint made under other params is ignored.
 A captioner with SCST (vlbench/scst.py) also keeps the state at the end of its cross-entropy steps,
-``checkpoints/<variant>/ce_end.pt``, made under every param but ``scst``: a run that changes only SCST
-settings (an SCST sweep) loads it, skips those steps, and ends with the weights a run from scratch
+``checkpoints/<variant>/ce_end.pt``, made under every param but ``scst`` and the beam re-ranking
+(``decoding.rerank_*``): a run that changes only those (an SCST sweep) loads it, skips those steps, and ends with the weights a run from scratch
 would; it starts a new MLflow run (param ``cross_entropy_run``: the run that trained those steps) with
 their loss and dev curves copied in. The file stays after the stage; delete it to free the disk.
 
@@ -46,6 +46,7 @@ from ..config import to_flat_dict
 from ..data.manifests import captions_by_row
 from ..errors import ParamError
 from ..inputs import FrozenBottom, check_features, open_inputs
+from ..models.consensus import NeighbourCaptions
 from ..models.protocols import AlignmentModel, CaptioningModel
 from ..models.trained import save_trained
 from ..models.variants import create_variant_model, prepare_variant, variant
@@ -56,6 +57,15 @@ from ..selection import Selection, eval_cadence, make_dev_metric, selection_metr
 from ..tracking import Tracker
 from ..training import (Batches, Checkpoint, TextCache, TunedTextCache, WeightAverage, accumulate, amp_dtype,
                         lr_at, make_step, native_bf16, no_bf16_reason, variant_precision)
+
+
+def cross_entropy_params(vparams: dict) -> dict:
+    """A captioner's params that its cross-entropy steps depend on: all but ``scst`` and the beam
+    re-ranking (those steps decode greedily, for their dev CIDEr, and never re-rank)."""
+    out = {k: v for k, v in vparams.items() if k != "scst"}
+    if isinstance(out.get("decoding"), dict):
+        out["decoding"] = {k: v for k, v in out["decoding"].items() if not k.startswith("rerank_")}
+    return out
 
 
 def make_val_loss(model: AlignmentModel | CaptioningModel, cfg, inputs, splits_dir: str, cached_text: bool, device,
@@ -126,6 +136,11 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     extra = {**inputs.describe(), "image_encoder": cfg.image_encoder}
     extra |= prepare_variant(cfg, [c for caps in captions for c in caps])  # e.g. a vocabulary, saved with the model
     model = create_variant_model(cfg, extra["image_dim"], extra["n_grid"], extra.get("vocab"), pixels=pixels).to(device)
+    if getattr(getattr(cfg, "decoding", None), "rerank_neighbours", 0):  # kept with the model (models/consensus.py)
+        if pixels:
+            raise ParamError(f"{variant_group(raw, name)}.{name}.decoding.rerank_neighbours: needs cached image "
+                             f"features (the features stage), not pixel inputs")
+        model.neighbours = NeighbourCaptions.from_inputs(inputs, captions)
     frozen_bottom = getattr(model, "image_top", None) is not None  # image_tuning: top
     if frozen_bottom:  # the frozen stages' maps are the same every step: computed once
         inputs = FrozenBottom(inputs, model, device, "train")
@@ -188,10 +203,9 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
     folder = Path(checkpoint_dir or f"checkpoints/{name}")
     ckpt = Checkpoint(folder, made_under(variant_params(raw, name)))
     scst = cfg.family == "captioning" and cfg.scst.steps
-    # the state at the end of the cross-entropy steps, made under every param but scst's: a run that
-    # changes only SCST settings starts from it instead of repeating those steps (same weights)
-    ce_end = Checkpoint(folder, made_under({k: v for k, v in variant_params(raw, name).items() if k != "scst"}),
-                        "ce_end.pt") if scst else None
+    # the state at the end of the cross-entropy steps, made under the params those steps use: a run
+    # that changes only SCST settings (or the re-ranking) starts from it instead of repeating them
+    ce_end = Checkpoint(folder, made_under(cross_entropy_params(variant_params(raw, name))), "ce_end.pt") if scst else None
     state = ckpt.load()
     ce_reused = state is None and ce_end is not None and (state := ce_end.load()) is not None
     start, rows, best_val = 0, [], float("inf")
