@@ -20,9 +20,10 @@ stage again with the same params continues from there, in the same MLflow run, a
 same weights as an uninterrupted run. A checkpoint made under other params is ignored.
 A captioner with SCST (vlbench/scst.py) also keeps the state at the end of its cross-entropy steps,
 ``checkpoints/<variant>/ce_end.pt``, made under every param but ``scst`` and the beam re-ranking
-(``decoding.rerank_*``): a run that changes only those (an SCST sweep) loads it, skips those steps, and ends with the weights a run from scratch
-would; it starts a new MLflow run (param ``cross_entropy_run``: the run that trained those steps) with
-their loss and dev curves copied in. The file stays after the stage; delete it to free the disk.
+(``decoding.rerank_*``): a run that changes only those (an SCST sweep) loads it, skips those steps,
+and ends with the weights a run from scratch would; it starts a new MLflow run (param
+``cross_entropy_run``: the run that trained those steps) with their loss and dev curves copied in.
+The file stays after the stage; delete it to free the disk.
 
 Many processes: the same command under ``torchrun --nproc_per_node N -m vlbench train ...`` (or
 ``accelerate launch``) trains with DDP; ``optim.batch_size`` stays the global batch, each rank
@@ -222,7 +223,8 @@ def run(params_path: str, name: str, features_dir: str | None, splits_dir: str, 
             average.load_state_dict(state["average"])
         if ranks.is_main and ce_reused:
             print(f"vlbench train: {name}: the cross-entropy steps of MLflow run {state['run_id']} ({ce_end.path}), "
-                  f"made under the same params but scst; SCST starts from their end", file=sys.stderr)
+                  f"made under the same params but scst and decoding.rerank_*; SCST starts from their end",
+                  file=sys.stderr)
         elif ranks.is_main:
             io.write_text(run_id_file, state["run_id"])
             print(f"vlbench train: resuming {name} from step {start}/{cfg.optim.steps}", file=sys.stderr)
