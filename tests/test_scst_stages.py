@@ -283,17 +283,22 @@ def test_sigterm_during_scst_resumes_bit_identical(prepared, straight):
     assert not (prepared / "checkpoints/killed/last.pt").exists()
 
 
+def evaluate(prepared, model_dir, metrics: str) -> dict:
+    """Run the real evaluate stage on variant ``gridcap``'s model ``model_dir`` -> its metrics file."""
+    env = env_with_venv()
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{prepared / 'mlflow.db'}"
+    r = subprocess.run([sys.executable, "-m", "vlbench", "evaluate", "--variant", "gridcap", "--model", str(model_dir),
+                        "--features", "data/features/efficientnet_lite0", "--metrics", metrics],
+                       cwd=prepared, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads((prepared / metrics / "gridcap.json").read_text())
+
+
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java on PATH")
 def test_evaluate_scores_each_decoding_once_with_diversity(prepared, straight):
     from vlbench.stages.report import summarise
 
-    env = env_with_venv()
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{prepared / 'mlflow.db'}"
-    r = subprocess.run([sys.executable, "-m", "vlbench", "evaluate", "--variant", "gridcap", "--model", str(straight),
-                        "--features", "data/features/efficientnet_lite0", "--metrics", "metrics_eval"],
-                       cwd=prepared, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    result = json.loads((prepared / "metrics_eval/gridcap.json").read_text())
+    result = evaluate(prepared, straight, "metrics_eval")
     assert list(result["decodings"]) == ["greedy", "beam3"] and result["decoding"] == "greedy"  # tiny_params: greedy
     head = {k: v for k, v in result["decodings"]["greedy"].items() if k != "captions_per_s"}
     assert head == result["metrics"]  # the configured decoding is the headline, scored once
@@ -307,6 +312,7 @@ def test_evaluate_scores_each_decoding_once_with_diversity(prepared, straight):
     assert "*human references*" in text and "| gridcap | greedy (configured) |" in text.replace("**", "")
 
 
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java on PATH")
 def test_a_reranking_run_reuses_the_cross_entropy_end_and_its_model_keeps_the_neighbours(prepared, configured):
     """``decoding.rerank_neighbours`` (consensus re-ranking, models/consensus.py) changes neither the
     cross-entropy steps (they decode greedily) nor SCST's updates, only which captions the configured
@@ -337,12 +343,6 @@ def test_a_reranking_run_reuses_the_cross_entropy_end_and_its_model_keeps_the_ne
                    if r["metric"] == "configured_cider"] for tag in ("configured", "reranked")}
     assert [s for s, _ in curve["reranked"]] == [s for s, _ in curve["configured"]]
 
-    env = env_with_venv()
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{prepared / 'mlflow.db'}"
-    r = subprocess.run([sys.executable, "-m", "vlbench", "evaluate", "--variant", "gridcap", "--model", str(folder),
-                        "--features", "data/features/efficientnet_lite0", "--metrics", "metrics_reranked"],
-                       cwd=prepared, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    result = json.loads((prepared / "metrics_reranked/gridcap.json").read_text())
+    result = evaluate(prepared, folder, "metrics_reranked")
     assert result["decoding"] == "beam3_lp1_rerank3x2"
     assert list(result["decodings"]) == ["greedy", "beam3_lp1", "beam3_lp1_rerank3x2"]
