@@ -9,7 +9,7 @@ choices belong.
         [--out benchmarks/flickr8k/decoding_sweep.json]
 
 Every decoding runs on every dev image with the variant's own generate (the evaluate stage's
-batched decoding, fp32) and is scored by the evaluate stage's code (pycocoevalcap, diversity). Prints
+batched decoding, fp32) and is scored by the evaluate stage's code (pycocoevalcap, diversity).
 ``--rerank-neighbours`` adds consensus re-ranking of the beams (models/consensus.py; 0 = none);
 a model trained without it gets its training images' captions from --features and --splits. Prints
 a table (CIDEr, BLEU-4, METEOR, mean caption length in words against the references', distinct

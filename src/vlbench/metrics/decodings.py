@@ -36,8 +36,7 @@ def decodings_to_compare(configured, names) -> tuple[dict, str]:
     for n in names:
         strategy = n.removesuffix(BLOCK)
         # the listed ones search without re-ranking: beside the configured one they show what it adds
-        d = dataclasses.replace(configured, strategy=strategy, block_trigrams=n.endswith(BLOCK),
-                                **({"rerank_neighbours": 0} if hasattr(configured, "rerank_neighbours") else {}))
+        d = dataclasses.replace(configured, strategy=strategy, block_trigrams=n.endswith(BLOCK), rerank_neighbours=0)
         out[decoding_name(d)] = d
     head = decoding_name(configured)
     out[head] = configured  # the variant's own decoding, exactly as configured

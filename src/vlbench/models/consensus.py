@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -87,8 +86,8 @@ class NeighbourCaptions:
         their ranking scores -> each image's chosen caption."""
         b, beam = ranking.shape
         references = self.nearest(grid, k)
-        agreement = torch.tensor(np.array([[self.cider.score(beams[i * beam + j], references[i]) for j in range(beam)]
-                                           for i in range(b)]), dtype=torch.float32)
+        agreement = torch.from_numpy(self.cider.scores(beams, [r for r in references for _ in range(beam)])).float()
+        agreement = agreement.view(b, beam)
         ranking = ranking.float().cpu()
         finite = torch.isfinite(ranking)
         z = standard_scores(torch.where(finite, ranking, ranking[finite].min() if finite.any() else 0.0))
